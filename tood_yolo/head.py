@@ -1,0 +1,334 @@
+"""TOOD's task-aligned head (T-head) as an Ultralytics `Detect` subclass.
+
+Faithful to mmdetection 3.3.0 `TOODHead` (see ../shared/TOOD.md): task-interactive features, layer attention, the
+classification alignment map M and the localisation alignment map O. Outputs keep Ultralytics' inference layout so
+that its validator, predictor, NMS and exporter work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import DeformConv2d
+from ultralytics.nn.modules import Detect
+from ultralytics.utils.tal import make_anchors
+
+PRIOR_PROB = 0.01  # the reference's initial foreground probability (bias -4.595)
+DELTA_STDS = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWHBBoxCoder target_stds of the anchor-based reference (means are 0)
+WH_RATIO_CLIP = 16 / 1000  # mmdet's delta2bbox default clamp of dw, dh
+
+
+def bias_init_with_prob(prior_prob: float) -> float:
+    """Bias of a sigmoid classifier whose initial output is `prior_prob`."""
+    return -math.log((1 - prior_prob) / prior_prob)
+
+
+class SigmoidGeometricMean(torch.autograd.Function):
+    """z = sqrt(sigmoid(x) * sigmoid(y)) with an analytic backward.
+
+    Autograd through `sqrt` of a product that underflows to 0 gives inf * 0 = NaN gradients (mmdet PR #7090); the
+    closed form dz/dx = z * (1 - sigmoid(x)) / 2 is finite everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_sigmoid, y_sigmoid = x.sigmoid(), y.sigmoid()
+        z = (x_sigmoid * y_sigmoid).sqrt()
+        ctx.save_for_backward(x_sigmoid, y_sigmoid, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_sigmoid, y_sigmoid, z = ctx.saved_tensors
+        return grad_output * z * (1 - x_sigmoid) / 2, grad_output * z * (1 - y_sigmoid) / 2
+
+
+def sigmoid_geometric_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Aligned score sqrt(sigmoid(x) * sigmoid(y)); x (B, C, H, W) class logits, y (B, 1, H, W) M logits.
+
+    The custom autograd function is used only when a gradient is needed: tracing and ONNX export see plain ops.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return SigmoidGeometricMean.apply(x, y)
+    return (x.sigmoid() * y.sigmoid()).sqrt()
+
+
+def deform_sampling(feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample each channel of `feat` at its own offset location, zeros outside the map.
+
+    Equivalent to mmdet's 1x1 depthwise `deform_conv2d` with unit weight (channel k sampled at (i + dy_k, j + dx_k)),
+    written with `grid_sample` so that it exports to ONNX (GridSample, opset >= 16). `align_corners=False` with the
+    matching pixel-centre normalisation also keeps the 1-pixel-wide maps of P7 exact.
+
+    Args:
+        feat (torch.Tensor): (B, C, H, W) maps to sample.
+        offset (torch.Tensor): (B, 2C, H, W) offsets in pixels, channels [dy_0, dx_0, dy_1, dx_1, ...].
+
+    Returns:
+        (torch.Tensor): (B, C, H, W) sampled maps.
+    """
+    b, c, h, w = feat.shape
+    dy, dx = offset.view(b, c, 2, h, w).unbind(2)
+    ys = torch.arange(h, device=feat.device, dtype=offset.dtype).view(1, 1, h, 1)
+    xs = torch.arange(w, device=feat.device, dtype=offset.dtype).view(1, 1, 1, w)
+    gx = (2 * (xs + dx) + 1) / w - 1  # pixel -> [-1, 1] with align_corners=False
+    gy = (2 * (ys + dy) + 1) / h - 1
+    grid = torch.stack((gx, gy), -1).view(b * c, h, w, 2)
+    out = F.grid_sample(feat.reshape(b * c, 1, h, w), grid.to(feat.dtype), align_corners=False, padding_mode="zeros")
+    return out.view(b, c, h, w)
+
+
+def delta2bbox(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Decode (dx, dy, dw, dh) deltas against xyxy anchors, as mmdet's DeltaXYWHBBoxCoder (means 0, stds 0.1/0.2).
+
+    Args:
+        anchors (torch.Tensor): (..., 4) xyxy anchors.
+        deltas (torch.Tensor): (..., 4) raw regression outputs.
+
+    Returns:
+        (torch.Tensor): (..., 4) xyxy boxes in the anchors' units (the decode is scale-equivariant).
+    """
+    deltas = deltas * deltas.new_tensor(DELTA_STDS)
+    max_ratio = abs(math.log(WH_RATIO_CLIP))
+    dxy, dwh = deltas[..., :2], deltas[..., 2:].clamp(-max_ratio, max_ratio)
+    pxy, pwh = (anchors[..., :2] + anchors[..., 2:]) / 2, anchors[..., 2:] - anchors[..., :2]
+    gxy, gwh = pxy + pwh * dxy, pwh * dwh.exp()
+    return torch.cat((gxy - gwh / 2, gxy + gwh / 2), -1)
+
+
+class Scale(nn.Module):
+    """A learnable scalar multiplier (one per FPN level, initialised to 1)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale, dtype=torch.float))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class ConvGNReLU(nn.Sequential):
+    """Bias-free 3x3 conv (or modulated deformable conv) + GroupNorm(32) + ReLU, mmcv's ConvModule layout."""
+
+    def __init__(self, c1: int, c2: int, dcn: bool = False, deform_groups: int = 4, groups: int = 32):
+        conv = ModulatedDeformConv(c1, c2, 3, 1, deform_groups=deform_groups) if dcn else nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        super().__init__()
+        self.conv, self.gn, self.act = conv, nn.GroupNorm(groups, c2), nn.ReLU(inplace=True)
+
+
+class ModulatedDeformConv(nn.Module):
+    """Modulated deformable conv (DCNv2) with its own offset/mask predictor, as mmcv's ModulatedDeformConv2dPack.
+
+    The offset conv predicts (o1, o2, mask) in 3 chunks; offsets are cat(o1, o2), the mask is sigmoid(mask), and it is
+    zero-initialised so training starts from a plain convolution. Uses `torchvision.ops.DeformConv2d`.
+    """
+
+    def __init__(
+        self, c1: int, c2: int, k: int = 3, s: int = 1, deform_groups: int = 1, groups: int = 1, bias: bool = False
+    ):
+        super().__init__()
+        self.conv = DeformConv2d(c1, c2, k, s, padding=k // 2, groups=groups, bias=bias)
+        self.conv_offset = nn.Conv2d(c1, deform_groups * 3 * k * k, k, s, padding=k // 2, bias=True)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o1, o2, mask = self.conv_offset(x).chunk(3, dim=1)
+        return self.conv(x, torch.cat((o1, o2), 1), mask.sigmoid())
+
+
+class TaskDecomposition(nn.Module):
+    """Layer attention over the stacked inter-conv features, then a 1x1 reduction to one task's features.
+
+    The attention gives one weight per inter layer per image (sigmoid), which scales the matching input-channel block
+    of the reduction conv's weight (the reference's memory-saving form of "scale each layer, then 1x1 conv").
+    """
+
+    def __init__(self, feat_channels: int, stacked_convs: int, la_down_rate: int = 8):
+        super().__init__()
+        self.feat_channels, self.stacked_convs = feat_channels, stacked_convs
+        self.in_channels = feat_channels * stacked_convs
+        self.layer_attention = nn.Sequential(
+            nn.Conv2d(self.in_channels, self.in_channels // la_down_rate, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(self.in_channels // la_down_rate, stacked_convs, 1),
+            nn.Sigmoid(),
+        )
+        self.reduction_conv = nn.Conv2d(self.in_channels, feat_channels, 1, bias=False)
+        self.gn = nn.GroupNorm(32, feat_channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def attention(self, avg_feat: torch.Tensor) -> torch.Tensor:
+        """(B, stacked_convs*C, 1, 1) pooled features -> (B, stacked_convs) layer weights."""
+        return self.layer_attention(avg_feat).flatten(1)
+
+    def forward(self, feat: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """(B, stacked_convs*C, H, W) features and their (B, stacked_convs) layer weights -> (B, C, H, W)."""
+        b, _, h, w = feat.shape
+        weight = attention.view(b, 1, self.stacked_convs, 1)
+        conv_weight = weight * self.reduction_conv.weight.view(1, self.feat_channels, self.stacked_convs, -1)
+        out = torch.bmm(conv_weight.view(b, self.feat_channels, self.in_channels), feat.view(b, self.in_channels, -1))
+        return self.act(self.gn(out.view(b, self.feat_channels, h, w)))
+
+
+class TOODHead(Detect):
+    """TOOD's T-head: shared task-interactive features, task decomposition and the alignment maps M and O.
+
+    YAML: `[[P3, P4, ...], 1, TOODHead, [nc, feat_channels, stacked_convs, num_dcn, anchor_type, anchor_offset]]`
+    with the paper's defaults `[nc, 256, 6, 0, "anchor_free", 0.0]`; the input channels are filled in by the model
+    parser. In training `forward` returns a dict: "boxes" (B, 4, A) xyxy in stride units after box alignment (the
+    reference's `bbox_pred`), "scores" (B, nc, A) aligned probabilities sqrt(P * M), "feats" the input maps. In eval it
+    returns Ultralytics' (B, 4 + nc, A) tensor of xywh pixel boxes and scores (and the dict, unless exporting).
+    """
+
+    # Ultralytics' `BaseModel.load`/`is_fused` read Detect's box/cls branch lists; the T-head has none
+    cv2, cv3 = (), None
+
+    def __init__(
+        self,
+        nc: int = 80,
+        feat_channels: int = 256,
+        stacked_convs: int = 6,
+        num_dcn: int = 0,
+        anchor_type: str = "anchor_free",
+        anchor_offset: float = 0.0,
+        ch: tuple[int, ...] = (),
+    ):
+        nn.Module.__init__(self)  # Detect's own convs are not built: the T-head replaces them
+        if anchor_type not in {"anchor_free", "anchor_based"}:
+            raise ValueError(f"TOODHead anchor_type must be 'anchor_free' or 'anchor_based', got {anchor_type!r}")
+        if not 0 <= num_dcn <= stacked_convs:
+            raise ValueError(f"TOODHead num_dcn={num_dcn} must lie in [0, stacked_convs={stacked_convs}]")
+        if feat_channels % 32:
+            raise ValueError(f"TOODHead feat_channels={feat_channels} must be a multiple of 32 (GroupNorm(32))")
+        if len(set(ch)) != 1:
+            raise ValueError(f"TOODHead needs equal input channels on every level (an FPN), got {list(ch)}")
+        self.nc, self.nl, self.reg_max, self.no = nc, len(ch), 1, nc + 4
+        self.stride = torch.zeros(self.nl)
+        self.feat_channels, self.stacked_convs, self.num_dcn = feat_channels, stacked_convs, num_dcn
+        self.anchor_type, self.anchor_offset = anchor_type, float(anchor_offset)
+        self.dfl = nn.Identity()
+        c = feat_channels
+        self.inter_convs = nn.ModuleList(
+            ConvGNReLU(ch[0] if i == 0 else c, c, dcn=i < num_dcn) for i in range(stacked_convs)
+        )
+        self.cls_decomp = TaskDecomposition(c, stacked_convs, stacked_convs * 8)
+        self.reg_decomp = TaskDecomposition(c, stacked_convs, stacked_convs * 8)
+        self.tood_cls = nn.Conv2d(c, nc, 3, padding=1)
+        self.tood_reg = nn.Conv2d(c, 4, 3, padding=1)
+        cc = c * stacked_convs
+        self.cls_prob_module = nn.Sequential(nn.Conv2d(cc, c // 4, 1), nn.ReLU(inplace=True), nn.Conv2d(c // 4, 1, 3, padding=1))
+        self.reg_offset_module = nn.Sequential(nn.Conv2d(cc, c // 4, 1), nn.ReLU(inplace=True), nn.Conv2d(c // 4, 8, 3, padding=1))
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(self.nl))
+        self.init_weights()
+
+    @property
+    def one2many(self) -> dict:
+        """The T-head has no separate box/cls branches to hand to `forward_head`."""
+        return {}
+
+    def init_weights(self) -> None:
+        """The reference's initialisation (normal std 0.01 / 0.001, prior-probability biases)."""
+        bias_cls = bias_init_with_prob(PRIOR_PROB)
+
+        def normal(m: nn.Module, std: float, bias: float = 0.0) -> None:
+            nn.init.normal_(m.weight, 0, std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.constant_(m.bias, bias)
+
+        for m in self.inter_convs:
+            normal(m.conv.conv if isinstance(m.conv, ModulatedDeformConv) else m.conv, 0.01)
+        for m in self.cls_prob_module:
+            if isinstance(m, nn.Conv2d):
+                normal(m, 0.01)
+        normal(self.cls_prob_module[-1], 0.01, bias_cls)
+        for m in self.reg_offset_module:
+            if isinstance(m, nn.Conv2d):
+                normal(m, 0.001)
+        for decomp in (self.cls_decomp, self.reg_decomp):
+            for m in decomp.layer_attention:
+                if isinstance(m, nn.Conv2d):
+                    normal(m, 0.001)
+            normal(decomp.reduction_conv, 0.01)
+        normal(self.tood_cls, 0.01, bias_cls)
+        normal(self.tood_reg, 0.01)
+
+    def bias_init(self) -> None:
+        """Ultralytics calls this after computing strides; the reference's init already set every bias."""
+
+    def forward_level(self, x: torch.Tensor, i: int, anchor_points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the T-head on one FPN level.
+
+        Args:
+            x (torch.Tensor): (B, C_in, H, W) FPN map.
+            i (int): Level index (selects the Scale).
+            anchor_points (torch.Tensor): (H*W, 2) anchor centres (x, y) of this level in stride units.
+
+        Returns:
+            (dict): "cls" (B, nc, H, W) class logits, "prob" (B, 1, H, W) M logits, "score" (B, nc, H, W) aligned
+                scores, "box_raw" (B, 4, H, W) xyxy before alignment, "offset" (B, 8, H, W) O, "box" (B, 4, H, W) xyxy
+                after alignment (stride units), "cls_attn"/"reg_attn" (B, stacked_convs) layer weights.
+        """
+        b, _, h, w = x.shape
+        inter_feats = []
+        for conv in self.inter_convs:
+            x = conv(x)
+            inter_feats.append(x)
+        feat = torch.cat(inter_feats, 1)
+        avg_feat = F.adaptive_avg_pool2d(feat, (1, 1))
+        cls_attn, reg_attn = self.cls_decomp.attention(avg_feat), self.reg_decomp.attention(avg_feat)
+        cls_logits = self.tood_cls(self.cls_decomp(feat, cls_attn))
+        prob_logits = self.cls_prob_module(feat)
+        score = sigmoid_geometric_mean(cls_logits, prob_logits)
+
+        reg = self.tood_reg(self.reg_decomp(feat, reg_attn))
+        points = anchor_points.view(1, h, w, 2).permute(0, 3, 1, 2).float()  # (1, 2, H, W)
+        if self.anchor_type == "anchor_free":  # ltrb distances: Scale after exp, no ReLU, as the reference
+            dist = self.scales[i](reg.exp()).float()
+            box_raw = torch.cat((points - dist[:, :2], points + dist[:, 2:]), 1)
+        else:  # deltas against one square anchor of 8 strides per location
+            deltas = self.scales[i](reg).float().permute(0, 2, 3, 1)
+            anchors = torch.cat((points - 4, points + 4), 1).permute(0, 2, 3, 1)
+            box_raw = delta2bbox(anchors, deltas).permute(0, 3, 1, 2)
+        offset = self.reg_offset_module(feat).float()
+        box = deform_sampling(box_raw.contiguous(), offset.contiguous())
+        # Sampling can swap corners; such boxes made GIoU negative in the reference, which falls back to the unsampled one
+        invalid = (box[:, [0]] > box[:, [2]]) | (box[:, [1]] > box[:, [3]])
+        box = torch.where(invalid.expand_as(box), box_raw, box)
+        return {
+            "cls": cls_logits,
+            "prob": prob_logits,
+            "score": score,
+            "box_raw": box_raw,
+            "offset": offset,
+            "box": box,
+            "cls_attn": cls_attn,
+            "reg_attn": reg_attn,
+        }
+
+    def forward_head(self, x: list[torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
+        """Concatenate the levels' aligned boxes (B, 4, A) and scores (B, nc, A); A = sum of H*W over levels."""
+        anchor_points, _ = make_anchors(x, torch.ones(self.nl), self.anchor_offset)
+        bs = x[0].shape[0]
+        boxes, scores, start = [], [], 0
+        for i, xi in enumerate(x):
+            n = xi.shape[2] * xi.shape[3]
+            out = self.forward_level(xi, i, anchor_points[start : start + n])
+            boxes.append(out["box"].view(bs, 4, -1))
+            scores.append(out["score"].view(bs, self.nc, -1))
+            start += n
+        return {"boxes": torch.cat(boxes, -1), "scores": torch.cat(scores, -1), "feats": x}
+
+    def _inference(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, 4 + nc, A): boxes in pixels (xywh, or xyxy for end-to-end/xyxy exports) and the aligned scores."""
+        shape = x["feats"][0].shape
+        if self.dynamic or self.shape != shape:
+            self.strides = make_anchors(x["feats"], self.stride, self.anchor_offset)[1].transpose(0, 1)
+            self.shape = shape
+        boxes = x["boxes"] * self.strides
+        if not (self.end2end or self.xyxy):
+            boxes = torch.cat(((boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]), 1)
+        return torch.cat((boxes, x["scores"]), 1)
