@@ -81,6 +81,24 @@ def deform_sampling(feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return out.view(b, c, h, w)
 
 
+def align_boxes(box: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Box alignment with the offset map O: each coordinate map sampled at its own offset (`deform_sampling`).
+
+    Where sampling leaves x1 > x2 or y1 > y2 the unsampled box is kept, as mmdet 3.x does (PR #7567): such boxes made
+    the GIoU loss negative.
+
+    Args:
+        box (torch.Tensor): (B, 4, H, W) xyxy boxes before alignment.
+        offset (torch.Tensor): (B, 8, H, W) offsets [dy_x1, dx_x1, dy_y1, dx_y1, dy_x2, dx_x2, dy_y2, dx_y2].
+
+    Returns:
+        (torch.Tensor): (B, 4, H, W) aligned xyxy boxes.
+    """
+    sampled = deform_sampling(box.contiguous(), offset.contiguous())
+    invalid = (sampled[:, [0]] > sampled[:, [2]]) | (sampled[:, [1]] > sampled[:, [3]])
+    return torch.where(invalid.expand_as(sampled), box, sampled)
+
+
 def delta2bbox(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     """Decode (dx, dy, dw, dh) deltas against xyxy anchors, as mmdet's DeltaXYWHBBoxCoder (means 0, stds 0.1/0.2).
 
@@ -294,17 +312,13 @@ class TOODHead(Detect):
             anchors = torch.cat((points - 4, points + 4), 1).permute(0, 2, 3, 1)
             box_raw = delta2bbox(anchors, deltas).permute(0, 3, 1, 2)
         offset = self.reg_offset_module(feat).float()
-        box = deform_sampling(box_raw.contiguous(), offset.contiguous())
-        # Sampling can swap corners; such boxes made GIoU negative in the reference, which falls back to the unsampled one
-        invalid = (box[:, [0]] > box[:, [2]]) | (box[:, [1]] > box[:, [3]])
-        box = torch.where(invalid.expand_as(box), box_raw, box)
         return {
             "cls": cls_logits,
             "prob": prob_logits,
             "score": score,
             "box_raw": box_raw,
             "offset": offset,
-            "box": box,
+            "box": align_boxes(box_raw, offset),
             "cls_attn": cls_attn,
             "reg_attn": reg_attn,
         }

@@ -145,7 +145,15 @@ def tood_parse_model(d: dict, ch: int, verbose: bool = True):
 
 
 def tood_guess_model_task(model) -> str:
-    """Ultralytics' `guess_model_task`, answering 'detect' for TOOD YAMLs and models (no 'detect' in 'TOODHead')."""
+    """Ultralytics' `guess_model_task`, answering 'detect' for TOOD YAMLs and models (no 'detect' in 'TOODHead').
+
+    A YAML dict is checked for unknown module names first: this is the first look Ultralytics takes at a new YAML,
+    and without a task it would fail with an unrelated message.
+    """
+    if isinstance(model, dict) and "backbone" in model and "head" in model:
+        from ultralytics.nn import tasks
+
+        _check_module_names(model["backbone"] + model["head"], vars(tasks))
     return "detect" if is_tood(model) else _ULTRALYTICS_GUESS_MODEL_TASK(model)
 
 

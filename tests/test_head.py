@@ -1,0 +1,174 @@
+"""T-head components against independent computations (TOOD.md "T-head")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import deform_conv2d
+
+from tood_yolo.head import (
+    TaskDecomposition,
+    TOODHead,
+    align_boxes,
+    deform_sampling,
+    delta2bbox,
+    sigmoid_geometric_mean,
+)
+
+torch.manual_seed(0)
+
+
+def test_layer_attention_equals_explicit_per_layer_scaling():
+    c, n, b = 32, 3, 2
+    td = TaskDecomposition(c, n, la_down_rate=8)
+    for p in td.parameters():
+        torch.nn.init.normal_(p, 0, 0.5)  # non-trivial attention and GN affine
+    feat = torch.randn(b, c * n, 5, 7)
+    avg = feat.mean((2, 3), keepdim=True)
+    w = torch.sigmoid(F.conv2d(F.relu(F.conv2d(avg, *_wb(td.layer_attention[0]))), *_wb(td.layer_attention[2])))
+    scaled = torch.cat([feat[:, k * c : (k + 1) * c] * w[:, k : k + 1] for k in range(n)], 1)  # scale each layer
+    expected = F.relu(F.group_norm(F.conv2d(scaled, td.reduction_conv.weight), 32, td.gn.weight, td.gn.bias))
+    attn = td.attention(avg)
+    assert attn.shape == (b, n)
+    torch.testing.assert_close(attn, w.flatten(1))
+    torch.testing.assert_close(td(feat, attn), expected, atol=1e-5, rtol=1e-5)
+
+
+def _wb(conv):
+    return conv.weight, conv.bias
+
+
+def test_aligned_score_value_and_gradient_match_a_safe_reference():
+    x = torch.tensor([-120.0, -30.0, -2.0, 0.0, 3.0, 40.0], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([-90.0, 5.0, 1.0, -1.0, -60.0, 30.0], dtype=torch.float64, requires_grad=True)
+    z = sigmoid_geometric_mean(x, y)
+    torch.testing.assert_close(z, (torch.sigmoid(x) * torch.sigmoid(y)).sqrt())
+    (gx, gy) = torch.autograd.grad(z.sum(), (x, y))
+
+    xr, yr = x.detach().requires_grad_(), y.detach().requires_grad_()
+    zr = torch.exp(0.5 * (F.logsigmoid(xr) + F.logsigmoid(yr)))  # same function, stable autograd
+    (rx, ry) = torch.autograd.grad(zr.sum(), (xr, yr))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gy, ry)
+
+    # the naive formula in float32 breaks down where the analytic one does not (the reason for the custom backward)
+    xn, yn = x.detach().float().requires_grad_(), y.detach().float().requires_grad_()
+    (nx,) = torch.autograd.grad((torch.sigmoid(xn) * torch.sigmoid(yn)).sqrt().sum(), (xn,))
+    assert not torch.isfinite(nx).all()
+    xf, yf = x.detach().float().requires_grad_(), y.detach().float().requires_grad_()
+    (fx,) = torch.autograd.grad(sigmoid_geometric_mean(xf, yf).sum(), (xf,))
+    assert torch.isfinite(fx).all()
+
+
+@pytest.mark.parametrize("h,w", [(6, 9), (1, 5), (4, 1), (1, 1)])
+def test_deform_sampling_equals_unit_kernel_deform_conv(h, w):
+    b, c = 2, 4
+    feat = torch.randn(b, c, h, w, dtype=torch.float64)
+    offset = torch.randn(b, 2 * c, h, w, dtype=torch.float64) * 2.5  # many samples fall partly or fully outside
+    expected = deform_conv2d(feat, offset, torch.ones(c, 1, 1, 1, dtype=torch.float64))  # groups, offset groups = c
+    torch.testing.assert_close(deform_sampling(feat, offset), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_align_boxes_falls_back_to_unsampled_box_where_corners_swap():
+    # a 1x2 map: location 0 holds box [0, 0, 4, 4], location 1 holds [5, 0, 6, 3]
+    box = torch.tensor([[0.0, 0.0, 4.0, 4.0], [5.0, 0.0, 6.0, 3.0]]).T.reshape(1, 4, 1, 2)
+    offset = torch.zeros(1, 8, 1, 2)  # channels (dy, dx) for x1, y1, x2, y2
+    offset[0, 1, 0, 0] = 1.0  # location 0 takes x1 = 5 from its right neighbour: 5 > x2 = 4, invalid
+    offset[0, 5, 0, 1] = -1.0  # location 1 takes x2 = 4 from its left neighbour: x1 = 5 > 4, invalid
+    out = align_boxes(box, offset)
+    torch.testing.assert_close(out, box)
+    # a valid shift is kept: location 1 takes y2 = 4 from location 0 (y1 = 0 < 4)
+    offset = torch.zeros(1, 8, 1, 2)
+    offset[0, 7, 0, 1] = -1.0
+    out = align_boxes(box, offset)
+    expected = box.clone()
+    expected[0, 3, 0, 1] = box[0, 3, 0, 0]
+    torch.testing.assert_close(out, expected)
+
+
+def test_delta_decoder_matches_torchvision_box_coder():
+    anchors = torch.rand(50, 4) * 100
+    anchors[:, 2:] += anchors[:, :2] + 1
+    deltas = torch.randn(50, 4) * 3  # includes |dw| beyond the log(1000/16) clamp after scaling
+    expected = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0)).decode_single(deltas, anchors)
+    torch.testing.assert_close(delta2bbox(anchors, deltas), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def r50_head():
+    return TOODHead(nc=80, ch=(256,) * 5)
+
+
+def test_r50_head_parameter_count_matches_reference(r50_head):
+    assert sum(p.numel() for p in r50_head.parameters()) == 4_823_790
+
+
+def test_reference_initialisation(r50_head):
+    bias = -math.log((1 - 0.01) / 0.01)
+    assert r50_head.tood_cls.bias.allclose(torch.full((80,), bias))
+    assert r50_head.cls_prob_module[-1].bias.allclose(torch.tensor([bias]))
+    assert r50_head.tood_reg.bias.eq(0).all() and r50_head.reg_offset_module[-1].bias.eq(0).all()
+    for m, std in [
+        (r50_head.inter_convs[0].conv, 0.01),
+        (r50_head.tood_cls, 0.01),
+        (r50_head.cls_prob_module[0], 0.01),
+        (r50_head.reg_offset_module[0], 0.001),
+        (r50_head.cls_decomp.layer_attention[0], 0.001),
+        (r50_head.reg_decomp.reduction_conv, 0.01),
+    ]:
+        assert m.weight.std().item() == pytest.approx(std, rel=0.1)
+    assert all(s.scale.item() == 1.0 for s in r50_head.scales)
+
+
+def test_outputs_shapes_and_anchor_free_decoding(r50_head):
+    head = TOODHead(nc=3, feat_channels=32, stacked_convs=2, ch=(16,) * 3)
+    head.stride = torch.tensor([8.0, 16.0, 32.0])
+    sizes = [(8, 6), (4, 3), (2, 2)]
+    x = [torch.randn(2, 16, h, w) for h, w in sizes]
+    head.train()
+    out = head(x)
+    n = sum(h * w for h, w in sizes)
+    assert out["boxes"].shape == (2, 4, n) and out["scores"].shape == (2, 3, n)
+    # level 0 before alignment: anchor points at (j, i) (offset 0) -/+ Scale * exp(reg), in stride units
+    lvl = head.forward_level(x[0], 0, torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="xy"), -1).view(-1, 2))
+    reg = head.tood_reg(head.reg_decomp(*_decomp_inputs(head, x[0])))
+    dist = reg.exp() * head.scales[0].scale
+    j = torch.arange(6.0).view(1, 1, 6).expand(1, 8, 6)
+    i = torch.arange(8.0).view(1, 8, 1).expand(1, 8, 6)
+    torch.testing.assert_close(lvl["box_raw"][:, 0], j - dist[:, 0])
+    torch.testing.assert_close(lvl["box_raw"][:, 3], i + dist[:, 3])
+    head.eval()
+    y, raw = head(x)
+    assert y.shape == (2, 4 + 3, n)
+    strides = torch.cat([torch.full((h * w,), s) for (h, w), s in zip(sizes, (8.0, 16.0, 32.0))])
+    xyxy = raw["boxes"] * strides
+    torch.testing.assert_close(y[:, 0], (xyxy[:, 0] + xyxy[:, 2]) / 2)
+    torch.testing.assert_close(y[:, 3], xyxy[:, 3] - xyxy[:, 1])
+    torch.testing.assert_close(y[:, 4:], raw["scores"])
+
+
+def _decomp_inputs(head, x):
+    feats = []
+    for conv in head.inter_convs:
+        x = conv(x)
+        feats.append(x)
+    feat = torch.cat(feats, 1)
+    return feat, head.reg_decomp.attention(feat.mean((2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"anchor_type": "anchor_box"}, "anchor_type"),
+        ({"num_dcn": 7}, "num_dcn"),
+        ({"feat_channels": 48}, "multiple of 32"),
+        ({"ch": (256, 128)}, "equal input channels"),
+    ],
+)
+def test_bad_head_arguments_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TOODHead(**{"nc": 80, "ch": (256,) * 5, **kwargs})
