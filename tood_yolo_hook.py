@@ -1,18 +1,18 @@
 """Start-up hook that registers TOOD with Ultralytics without importing torch at interpreter start.
 
 `tood_yolo_hook.pth` (installed into site-packages with the package) imports this module when Python starts. It
-only adds a `sys.meta_path` finder, standard library alone (about a millisecond). When anything later imports
-`ultralytics.nn.tasks` (the `yolo` command, `ultralytics.YOLO`, a checkpoint load), the finder lets that module load
-as usual and then calls `tood_yolo.register.register()`, which makes TOOD's model YAMLs, checkpoints and trainer
-known to Ultralytics. `import tood_yolo` registers too. Set TOOD_YOLO_NO_HOOK=1 to switch the hook off.
+only adds a `sys.meta_path` finder, standard library alone (well under a millisecond). When anything later imports
+`ultralytics.nn.tasks` or `ultralytics.models` (the `yolo` command, `ultralytics.YOLO`, a checkpoint load), the finder
+lets that module load as usual and then calls `tood_yolo.register.register()`, which makes TOOD's model YAMLs,
+checkpoints and trainer known to Ultralytics. `import tood_yolo` registers too.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-TARGET = "ultralytics.nn.tasks"
+# The model parser lives in the first, the YOLO class (trainer selection) in the second, which finishes loading last
+TARGETS = {"ultralytics.nn.tasks", "ultralytics.models"}
 
 
 class _RegisterAfterLoad:
@@ -29,31 +29,40 @@ class _RegisterAfterLoad:
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
-        if "tood_yolo" in sys.modules:  # being imported (it imports Ultralytics first) or done: its __init__ registers
-            return
+        package = sys.modules.get("tood_yolo")
+        if package is not None and not hasattr(package, "register"):
+            return  # tood_yolo is being imported (it imports Ultralytics first) and registers at its end
         from tood_yolo.register import register
 
         register()
 
 
 class TOODFinder:
-    """Meta-path finder (duck-typed) that wraps the loader of `ultralytics.nn.tasks` once."""
+    """Meta-path finder (duck-typed) that wraps the loaders of the target modules, once each."""
+
+    def __init__(self):
+        self.pending = set(TARGETS) - set(sys.modules)
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET:
+        if fullname not in self.pending:
             return None
-        sys.meta_path.remove(self)  # one shot, and lets the real finders resolve the spec below
-        from importlib.util import find_spec
+        self.pending.discard(fullname)
+        sys.meta_path.remove(self)  # lets the real finders resolve the spec below
+        try:
+            from importlib.util import find_spec
 
-        spec = find_spec(fullname)
+            spec = find_spec(fullname)
+        finally:
+            if self.pending:
+                sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
             spec.loader = _RegisterAfterLoad(spec.loader)
         return spec
 
 
 def install() -> None:
-    """Add the finder unless it is switched off, already present, or the target is already imported."""
-    if os.environ.get("TOOD_YOLO_NO_HOOK") or TARGET in sys.modules:
+    """Add the finder unless it is already present or every target is already imported."""
+    if TARGETS <= set(sys.modules):
         return
     if not any(isinstance(f, TOODFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, TOODFinder())

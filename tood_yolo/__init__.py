@@ -4,9 +4,12 @@ Importing the package registers TOOD's model modules, loss and trainer with Ultr
 an installed package does so on its own when Ultralytics is imported.
 """
 
+import tood_yolo_hook
+
 from .register import register
 
 register()
+tood_yolo_hook.install()  # patches the YOLO class once Ultralytics loads it, if it has not yet
 
 from .backbone import ResNet  # noqa: E402
 from .head import TOODHead  # noqa: E402

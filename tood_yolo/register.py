@@ -21,6 +21,7 @@ import ast
 import inspect
 import os
 import shutil
+import sys
 from copy import deepcopy
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .neck import FPN
 
 TOOD_MODULES: dict[str, type[nn.Module]] = {"ResNet": ResNet, "FPN": FPN, "TOODHead": TOODHead}
 PROBE_SIZE = 64  # side of the dummy input that measures channels; any multiple of the largest backbone stride
-_registered = False
+_done: set[str] = set()  # parts of the registration already applied
 
 
 def is_tood(model) -> bool:
@@ -157,6 +158,23 @@ def tood_guess_model_task(model) -> str:
     return "detect" if is_tood(model) else _ULTRALYTICS_GUESS_MODEL_TASK(model)
 
 
+def tood_init_criterion(self):
+    """`DetectionModel.init_criterion` returning TOOD's loss for a TOOD head, Ultralytics' loss otherwise."""
+    from .loss import TOODLoss
+
+    return TOODLoss(self) if isinstance(self.model[-1], TOODHead) else _ULTRALYTICS_INIT_CRITERION(self)
+
+
+def tood_task_map(self) -> dict:
+    """`YOLO.task_map` with TOOD's trainer for TOOD models, so that the plain `yolo train` trains them as TOOD."""
+    task_map = _ULTRALYTICS_TASK_MAP.fget(self)
+    if is_tood(getattr(self, "model", None)):
+        from .trainer import TOODTrainer
+
+        task_map["detect"] = {**task_map["detect"], "trainer": TOODTrainer}
+    return task_map
+
+
 def ensure_offline_font() -> None:
     """Give Ultralytics' `check_font` a local Arial.ttf (matplotlib's DejaVu Sans) so plots never fetch one."""
     from matplotlib import get_data_path
@@ -171,17 +189,28 @@ def ensure_offline_font() -> None:
 
 
 def register() -> None:
-    """Make TOOD known to Ultralytics (idempotent; see the module docstring)."""
-    global _registered, _ULTRALYTICS_PARSE_MODEL, _ULTRALYTICS_GUESS_MODEL_TASK
-    if _registered:
-        return
-    _registered = True
-    from ultralytics.engine import model as engine_model
+    """Make TOOD known to Ultralytics (idempotent; see the module docstring).
+
+    The YOLO class is patched only once `ultralytics.models.yolo.model` is fully loaded: importing it from here while
+    Ultralytics is still importing itself would be circular. The start-up hook calls this again when it is.
+    """
     from ultralytics.nn import tasks
 
-    _ULTRALYTICS_PARSE_MODEL, _ULTRALYTICS_GUESS_MODEL_TASK = tasks.parse_model, tasks.guess_model_task
-    vars(tasks).update(TOOD_MODULES)
-    tasks.parse_model = tood_parse_model
-    tasks.guess_model_task = engine_model.guess_model_task = tood_guess_model_task
-    if os.environ.get("YOLO_OFFLINE", "").lower() in {"1", "true"}:
-        ensure_offline_font()
+    global _ULTRALYTICS_PARSE_MODEL, _ULTRALYTICS_GUESS_MODEL_TASK, _ULTRALYTICS_INIT_CRITERION, _ULTRALYTICS_TASK_MAP
+    if "tasks" not in _done:
+        _done.add("tasks")
+        from ultralytics.engine import model as engine_model
+
+        _ULTRALYTICS_PARSE_MODEL, _ULTRALYTICS_GUESS_MODEL_TASK = tasks.parse_model, tasks.guess_model_task
+        _ULTRALYTICS_INIT_CRITERION = tasks.DetectionModel.init_criterion
+        vars(tasks).update(TOOD_MODULES)
+        tasks.parse_model = tood_parse_model
+        tasks.guess_model_task = engine_model.guess_model_task = tood_guess_model_task
+        tasks.DetectionModel.init_criterion = tood_init_criterion
+        if os.environ.get("YOLO_OFFLINE", "").lower() in {"1", "true"}:
+            ensure_offline_font()
+    yolo = getattr(sys.modules.get("ultralytics.models.yolo.model"), "YOLO", None)
+    if "yolo" not in _done and yolo is not None:
+        _done.add("yolo")
+        _ULTRALYTICS_TASK_MAP = yolo.task_map
+        yolo.task_map = property(tood_task_map)

@@ -1,0 +1,181 @@
+"""TOOD's training loss: Task Alignment Learning, with ATSS warm-up epochs, as mmdetection's TOODHead.
+
+Written by hand because Ultralytics' `v8DetectionLoss` differs in every part that matters here (TOOD.md "How
+Ultralytics differs"): BCE instead of quality focal loss, CIoU + DFL instead of GIoU x 2, another assigner, no warm-up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ultralytics.utils.loss import v8DetectionLoss
+from ultralytics.utils.tal import make_anchors
+
+from .assigners import ATSSAssigner, TaskAlignedAssigner
+
+INITIAL_EPOCH = 4  # epochs of ATSS warm-up before task alignment learning
+
+
+def quality_focal_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """Quality focal loss on probabilities: BCE(p, t) * |t - p|^beta, elementwise.
+
+    `target` holds t_hat at (positive, its class) and 0 elsewhere, so the formula gives both of mmdet's branches:
+    BCE(p, t_hat) |t_hat - p|^beta for the positive's class and BCE(p, 0) p^beta for every other entry.
+
+    Args:
+        pred (torch.Tensor): (N, C) probabilities.
+        target (torch.Tensor): (N, C) soft targets in [0, 1].
+        beta (float): Focusing exponent (2 in TOOD).
+
+    Returns:
+        (torch.Tensor): (N, C) losses.
+    """
+    return F.binary_cross_entropy(pred, target, reduction="none") * (target - pred).abs().pow(beta)
+
+
+def focal_loss_with_prob(pred: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
+    """Sigmoid focal loss on probabilities (mmdet `FocalLoss(activated=True)`), elementwise.
+
+    Args:
+        pred (torch.Tensor): (N, C) probabilities.
+        target (torch.Tensor): (N, C) one-hot hard labels.
+
+    Returns:
+        (torch.Tensor): (N, C) losses.
+    """
+    pt = (1 - pred) * target + pred * (1 - target)
+    weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
+    return F.binary_cross_entropy(pred, target, reduction="none") * weight
+
+
+def giou_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """1 - GIoU of aligned xyxy box pairs, with mmdet's `bbox_overlaps` eps (union and enclosure clamped at eps).
+
+    Args:
+        pred (torch.Tensor): (N, 4) boxes.
+        target (torch.Tensor): (N, 4) boxes.
+
+    Returns:
+        (torch.Tensor): (N,) losses.
+    """
+    area_p = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    area_t = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+    overlap = (torch.min(pred[:, 2:], target[:, 2:]) - torch.max(pred[:, :2], target[:, :2])).clamp(min=0).prod(1)
+    union = (area_p + area_t - overlap).clamp(min=eps)
+    enclose = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])).clamp(min=0).prod(1)
+    enclose = enclose.clamp(min=eps)
+    return 1 - (overlap / union - (enclose - union) / enclose)
+
+
+def centerness_target(points: torch.Tensor, gt_bboxes: torch.Tensor) -> torch.Tensor:
+    """FCOS centreness of anchor centres (N, 2) inside their assigned GT boxes (N, 4 xyxy): sqrt(lr ratio * tb ratio)."""
+    l, t = points[:, 0] - gt_bboxes[:, 0], points[:, 1] - gt_bboxes[:, 1]
+    r, b = gt_bboxes[:, 2] - points[:, 0], gt_bboxes[:, 3] - points[:, 1]
+    lr, tb = torch.stack((l, r), 1), torch.stack((t, b), 1)
+    return ((lr.min(1)[0] / lr.max(1)[0]) * (tb.min(1)[0] / tb.max(1)[0])).sqrt()
+
+
+def reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over DDP processes (itself when not distributed), as mmdet's avg_factor."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x.div_(dist.get_world_size()))
+    return x
+
+
+class TOODLoss:
+    """TOOD's loss for a model whose last layer is a `TOODHead`.
+
+    Epochs < `initial_epoch` (4): ATSS targets, focal loss on hard labels / number of positives and
+    centreness-weighted GIoU / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft
+    label and t_hat-weighted GIoU, both / max(sum of t_hat, 1). GIoU has weight 2. Averaging factors are all-reduced
+    under DDP; the returned loss is divided by the world size because Ultralytics multiplies it back before DDP
+    averages gradients, so the optimiser sees the reference's gradients. Set `epoch` (a plain int) at every epoch
+    start; `TOODTrainer` does.
+
+    Returns (when called with predictions and a batch): the loss to back-propagate and the detached
+    {"loss_cls", "loss_bbox"} of the batch, as the reference logs them (loss_bbox includes the weight 2).
+    """
+
+    preprocess = v8DetectionLoss.preprocess  # padded (B, M, 5) class + pixel xyxy targets, as Ultralytics builds them
+    parse_output = v8DetectionLoss.parse_output
+    loss_names = ("loss_cls", "loss_bbox")
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        initial_epoch: int | None = None,
+        topk: int = 13,
+        alpha: float = 1.0,
+        beta: float = 6.0,
+        atss_topk: int = 9,
+        cls_weight: float = 1.0,
+        bbox_weight: float = 2.0,
+    ):
+        head = model.model[-1]
+        self.device = next(model.parameters()).device
+        self.nc, self.stride, self.anchor_offset = head.nc, head.stride, head.anchor_offset
+        if initial_epoch is None:  # the model YAML may set the warm-up length (`initial_epoch: 4`, the reference's)
+            initial_epoch = getattr(model, "yaml", {}).get("initial_epoch", INITIAL_EPOCH)
+        self.initial_epoch, self.cls_weight, self.bbox_weight = initial_epoch, cls_weight, bbox_weight
+        self.assigner = TaskAlignedAssigner(self.nc, topk=topk, alpha=alpha, beta=beta)
+        self.initial_assigner = ATSSAssigner(self.nc, topk=atss_topk)
+        self.epoch = 0
+
+    @property
+    def warmup(self) -> bool:
+        """Whether the current epoch uses the ATSS warm-up targets and losses."""
+        return self.epoch < self.initial_epoch
+
+    def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        preds = self.parse_output(preds)
+        with torch.autocast(self.device.type, enabled=False):  # fp32 under AMP, as the reference (and BCE needs it)
+            loss_cls, loss_bbox = self.loss(
+                preds["boxes"].float().permute(0, 2, 1), preds["scores"].float().permute(0, 2, 1), preds["feats"], batch
+            )
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return (loss_cls + loss_bbox) / world, {"loss_cls": loss_cls.detach(), "loss_bbox": loss_bbox.detach()}
+
+    def loss(
+        self, boxes: torch.Tensor, scores: torch.Tensor, feats: list[torch.Tensor], batch: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classification and box losses of a batch.
+
+        Args:
+            boxes (torch.Tensor): (B, A, 4) predicted xyxy boxes in stride units.
+            scores (torch.Tensor): (B, A, C) aligned scores (probabilities).
+            feats (list[torch.Tensor]): The head's input maps (for anchor layout).
+            batch (dict): Ultralytics batch with "batch_idx", "cls", "bboxes" (normalised xywh).
+
+        Returns:
+            (tuple[torch.Tensor, torch.Tensor]): loss_cls, loss_bbox (weighted) scalars.
+        """
+        b = boxes.shape[0]
+        points, strides = make_anchors(feats, self.stride, self.anchor_offset)  # (A, 2) grid units, (A, 1)
+        points_px = points * strides
+        imgsz = torch.tensor(feats[0].shape[2:], device=self.device, dtype=torch.float32) * self.stride[0]
+        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+        targets = self.preprocess(targets.to(self.device).float(), b, scale_tensor=imgsz[[1, 0, 1, 0]])
+        gt_labels, gt_bboxes = targets.split((1, 4), 2)
+        mask_gt = gt_bboxes.sum(2, keepdim=True).gt(0.0)
+
+        if self.warmup:
+            anchors = torch.cat((points_px - 4 * strides, points_px + 4 * strides), 1)  # 8*stride squares
+            levels = [f.shape[2] * f.shape[3] for f in feats]
+            a = self.initial_assigner(anchors, levels, gt_labels, gt_bboxes, mask_gt)
+            target = F.one_hot(a.labels, self.nc + 1)[..., : self.nc].float()
+            cls = focal_loss_with_prob(scores, target).sum()
+            box_weight = centerness_target(points_px.expand(b, -1, -1)[a.fg_mask], a.bboxes[a.fg_mask].float())
+            cls_factor = a.fg_mask.sum().float()
+        else:
+            a = self.assigner(scores.detach(), (boxes.detach() * strides), points_px, gt_labels, gt_bboxes, mask_gt)
+            target = F.one_hot(a.labels, self.nc + 1)[..., : self.nc].float() * a.quality.unsqueeze(-1)
+            cls = quality_focal_loss(scores, target).sum()
+            box_weight = a.quality[a.fg_mask]
+            cls_factor = a.quality.sum()
+        strides_pos = strides.expand(b, -1, -1)[a.fg_mask]
+        box = (giou_loss(boxes[a.fg_mask], a.bboxes[a.fg_mask].float() / strides_pos) * box_weight).sum()
+        cls_factor = reduce_mean(cls_factor).clamp(min=1)
+        box_factor = reduce_mean(box_weight.sum()).clamp(min=1)
+        return cls / cls_factor * self.cls_weight, box / box_factor * self.bbox_weight

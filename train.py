@@ -1,0 +1,56 @@
+"""Train a TOOD model: `python train.py key=value ...`, the same arguments as `yolo train`.
+
+With no arguments it runs the product's main job: it generates a synthetic detection set (datasets/synthetic, no
+download), trains cfg/tood-n.yaml on it on the CPU with TOOD's recipe, validates, and prints mAP50, mAP50-95 and
+where the weights are. Any argument overrides these defaults (e.g. `model=cfg/tood-r50.yaml data=coco.yaml`), and
+TOOD's own recipe (tood_yolo.trainer.RECIPE) applies to whatever is not given.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ultralytics import YOLO
+from ultralytics.utils import LOGGER
+
+import tood_yolo  # noqa: F401  (registers TOOD when the package runs from a source checkout)
+from tood_yolo.cli import parse_args
+from tood_yolo.synthetic import make_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parent
+# The main job: a few CPU minutes. A small set is seen many times; warm-up follows the reference's 4 epochs of 12
+# scaled to 3 of 30, and the step decay at 8/12 and 11/12 of the epochs applies as in the recipe.
+MAIN_JOB = {
+    "model": str(ROOT / "cfg" / "tood-n.yaml"),
+    "epochs": 30,
+    "imgsz": 256,
+    "batch": 16,
+    "device": "cpu",
+    "workers": 0,
+    "amp": False,
+    "project": str(ROOT / "runs"),
+    "name": "tood-n-synthetic",
+    "exist_ok": True,
+    "seed": 0,
+    "deterministic": True,
+}
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv, MAIN_JOB)
+    if "data" not in args:
+        args["data"] = str(make_synthetic_dataset(ROOT / "datasets" / "synthetic", n_train=256, n_val=64, imgsz=256))
+    model = YOLO(args.pop("model"))
+    args.pop("mode", None)
+    metrics = model.train(**args)
+    if metrics is None:  # DDP: the launching process does not receive metrics
+        return
+    LOGGER.info(
+        f"\nTOOD {Path(model.trainer.args.model).stem} on {Path(args['data']).parent.name}: "
+        f"mAP50 {metrics.box.map50:.3f}  mAP50-95 {metrics.box.map:.3f}\nweights: {model.trainer.best}"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
