@@ -50,6 +50,26 @@ def test_startup_hook_is_installed_without_importing_torch(offline_env, tmp_path
     assert run([sys.executable, "-c", code], offline_env, tmp_path).split() == ["False", "True"]
 
 
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import ultralytics",
+        "from ultralytics.engine.model import Model",
+        "from ultralytics.data.utils import check_det_dataset",
+        "import ultralytics.nn.tasks",
+        "import tood_yolo",
+    ],
+)
+def test_registration_works_whatever_is_imported_first(first, offline_env, tmp_path):
+    code = (
+        f"{first}\nimport sys\nfrom ultralytics import YOLO\nm = YOLO(sys.argv[1])\n"
+        "print(m.task, type(m.model.model[-1]).__name__, m.task_map['detect']['trainer'].__name__, "
+        "type(m.model.init_criterion()).__name__)"
+    )
+    out = run([sys.executable, "-c", code, str(ROOT / "cfg/tood-n.yaml")], offline_env, tmp_path)
+    assert out.split()[-4:] == ["detect", "TOODHead", "TOODTrainer", "TOODLoss"]
+
+
 def test_plain_ultralytics_builds_tood_in_a_new_interpreter(offline_env, tmp_path):
     code = (
         "import sys; from ultralytics import YOLO; m = YOLO(sys.argv[1]); h = m.model.model[-1]; "
