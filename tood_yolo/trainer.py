@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch import optim
-from ultralytics.cfg import DEFAULT_CFG
+from ultralytics.cfg import DEFAULT_CFG, DEFAULT_CFG_DICT
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
@@ -54,7 +54,8 @@ class TOODTrainer(DetectionTrainer):
     """Train TOOD models with the reference's recipe through Ultralytics' trainer.
 
     Defaults (overridable by any Ultralytics argument): SGD lr 0.01, momentum 0.9, weight decay 1e-4 on every
-    parameter, linear warm-up over 500 iterations, lr steps x0.1 at 8/12 and 11/12 of the epochs, flip-only
+    parameter, linear warm-up over 500 iterations (while `warmup_epochs` keeps its default), lr steps x0.1 at 8/12 and
+    11/12 of the epochs (unless `cos_lr=True` or another `lrf` picks Ultralytics' schedules), flip-only
     augmentation, 12 epochs of batch 16, and `nbs` equal to the batch, so that Ultralytics neither accumulates
     gradients over batches nor rescales weight decay: with `TOODLoss` the optimiser sees the reference's gradients.
     Deviations that stay: Ultralytics' square letterbox (the reference keeps the aspect ratio at 1333x800) and its
@@ -62,27 +63,26 @@ class TOODTrainer(DetectionTrainer):
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
-        overrides = dict(overrides or {})
-        for k in V8_LOSS_GAINS:
-            if k in overrides:
-                LOGGER.warning(f"'{k}={overrides[k]}' is a gain of YOLOv8's loss and does not apply to TOOD's loss")
-        self.warmup_iters = None if "warmup_epochs" in overrides else WARMUP_ITERS
-        self.step_lr = not ({"cos_lr", "lrf"} & overrides.keys())
-        overrides = {**RECIPE, **overrides}
+        overrides = {**RECIPE, **(overrides or {})}
         if isinstance(overrides["batch"], int) and overrides["batch"] > 0:
             overrides.setdefault("nbs", overrides["batch"])
         super().__init__(cfg, overrides, _callbacks)
-        self.add_callback("on_train_epoch_start", set_loss_epoch)
+        # Decided from values, not from which keys were passed: a DDP worker or a resume gets every argument back
+        for k in V8_LOSS_GAINS:
+            if getattr(self.args, k) != DEFAULT_CFG_DICT[k]:
+                LOGGER.warning(f"'{k}={getattr(self.args, k)}' is a gain of YOLOv8's loss and does not apply to TOOD")
+        if set_loss_epoch not in self.callbacks["on_train_epoch_start"]:  # DDP workers get the callbacks pickled
+            self.add_callback("on_train_epoch_start", set_loss_epoch)
 
     def _get_warmup_iterations(self, num_batches: int) -> int:
-        """500 iterations as the reference, unless `warmup_epochs` was given; never past the last epoch's start."""
-        if self.warmup_iters is None:
+        """500 iterations as the reference while `warmup_epochs` keeps Ultralytics' default; never past the last epoch."""
+        if self.args.warmup_epochs != DEFAULT_CFG_DICT["warmup_epochs"]:
             return super()._get_warmup_iterations(num_batches)
-        return min(self.warmup_iters, max(self.epochs - 1, 0) * num_batches)
+        return min(WARMUP_ITERS, max(self.epochs - 1, 0) * num_batches)
 
     def _setup_scheduler(self) -> None:
-        """Step decay at 8/12 and 11/12 of the epochs, unless `cos_lr` or `lrf` was given."""
-        if not self.step_lr:
+        """Step decay at 8/12 and 11/12 of the epochs, unless `cos_lr=True` or `lrf` differs from its default."""
+        if self.args.cos_lr or self.args.lrf != DEFAULT_CFG_DICT["lrf"]:
             return super()._setup_scheduler()
         m1, m2 = (round(self.epochs * m) for m in MILESTONES)
         self.lf = lambda epoch: 0.1 ** ((epoch >= m1) + (epoch >= m2))
