@@ -166,12 +166,14 @@ def tood_init_criterion(self):
 
 
 def tood_task_map(self) -> dict:
-    """`YOLO.task_map` with TOOD's trainer for TOOD models, so that the plain `yolo train` trains them as TOOD."""
+    """`YOLO.task_map` with TOOD's trainer and validator for TOOD models, so that the plain `yolo train` trains them as
+    TOOD and `yolo val save_json=True` prints pycocotools' COCO table."""
     task_map = _ULTRALYTICS_TASK_MAP.fget(self)
     if is_tood(getattr(self, "model", None)):
+        from .coco import TOODDetectionValidator
         from .trainer import TOODTrainer
 
-        task_map["detect"] = {**task_map["detect"], "trainer": TOODTrainer}
+        task_map["detect"] = {**task_map["detect"], "trainer": TOODTrainer, "validator": TOODDetectionValidator}
     return task_map
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from copy import copy
+
 from torch import optim
 from ultralytics.cfg import DEFAULT_CFG, DEFAULT_CFG_DICT
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
+
+from .coco import TOODDetectionValidator
 
 # mmdet tood_r50_fpn_1x_coco in Ultralytics' terms. Every argument a user passes overrides these.
 RECIPE = {
@@ -94,3 +98,9 @@ class TOODTrainer(DetectionTrainer):
         for group in optimizer.param_groups:
             group["weight_decay"] = decay
         return optimizer
+
+    def get_validator(self):
+        """Ultralytics' detection validator; with `save_json=True` it prints COCO's table via pycocotools."""
+        return TOODDetectionValidator(
+            self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks
+        )

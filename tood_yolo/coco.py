@@ -1,0 +1,235 @@
+"""COCO's official box AP table (pycocotools) for `yolo val ... save_json=True`, offline.
+
+What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_json` / `coco_evaluate`):
+
+- COCO val2017 itself (`is_coco`: the split path contains "coco" and ends in `val2017.txt` or `test-dev2017.txt`):
+  predictions get COCO's 91-class ids (`coco80_to_coco91_class`) and are scored against
+  `<data path>/annotations/instances_val2017.json` (LVIS: `lvis_v1_<split>.json`), image ids = int(file stem).
+- Any other detection set (8.4 "custom json"): the validator builds the ground truth itself from the YOLO labels
+  (`gdict`: category id = class index + 1, boxes in original image pixels, image id = dataloader index) and scores the
+  predictions against it.
+- Either way it scores with `faster-coco-eval>=1.6.7`, through `check_requirements`: with YOLO_AUTOINSTALL=false or
+  offline nothing is installed and the table is skipped ("faster-coco-eval unable to run: No module named
+  'faster_coco_eval'"). pycocotools, a dependency of this package, is never used.
+
+`TOODDetectionValidator` is that validator with `coco_evaluate` done by pycocotools (the official implementation):
+the 12-number AP/AR table is printed after Ultralytics' own metrics, and the stats get the same keys faster-coco-eval
+would have filled (`metrics/mAP_small(B)` etc.; on COCO/LVIS also mAP50, mAP50-95 and fitness). The command line
+scores an existing predictions.json against any COCO annotation file:
+
+    $ python -m tood_yolo.coco predictions=runs/detect/val/predictions.json annotations=instances_val2017.json
+
+Ultralytics writes image ids as the file stem (an int when numeric) and category ids as class index + 1 (COCO's 91
+ids only for COCO val2017 itself). Images are matched by id, else by file name; categories by id when every
+predicted id is a category of the annotation file, else class index + 1 -> the annotation file's i-th category in
+sorted order (COCO's 80 of 91 ids for a COCO-class model). `classmap=index|none` forces either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.utils import LOGGER
+
+from .evaluate import COCO_STATS
+
+__all__ = ("TOODDetectionValidator", "coco_eval", "match_predictions", "main")
+
+
+def _quiet(fn, *args, **kwargs):
+    """Call a pycocotools function with its progress prints captured; returns (result, captured text)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        out = fn(*args, **kwargs)
+    return out, buf.getvalue()
+
+
+def _load_gt(annotations: str | Path | dict):
+    """A pycocotools COCO object from an annotation file or an in-memory COCO dict (copied)."""
+    from pycocotools.coco import COCO
+
+    gt = COCO()
+    if isinstance(annotations, dict):
+        gt.dataset = copy.deepcopy(annotations)
+    else:
+        gt.dataset = json.loads(Path(annotations).read_text())
+    gt.dataset.setdefault("images", [])
+    gt.dataset.setdefault("annotations", [])
+    gt.dataset.setdefault("categories", [])
+    _quiet(gt.createIndex)
+    return gt
+
+
+def coco_eval(
+    predictions: str | Path | list[dict],
+    annotations: str | Path | dict | Any,
+    img_ids: list | None = None,
+    iou_type: str = "bbox",
+    print_fn: Any = LOGGER.info,
+) -> dict[str, float]:
+    """Score COCO-format detections with pycocotools and return COCO's 12 statistics by name (`COCO_STATS`).
+
+    Args:
+        predictions (str | Path | list[dict]): Results json or list of {image_id, category_id, bbox (ltwh), score}
+            (not modified).
+        annotations (str | Path | dict | pycocotools.coco.COCO): Ground truth.
+        img_ids (list, optional): Images to evaluate; default every image of the ground truth.
+        iou_type (str): "bbox" (or "segm"/"keypoints" with matching inputs).
+        print_fn (callable, optional): Where pycocotools' AP/AR table goes (LOGGER.info; None: nowhere).
+
+    Returns:
+        (dict[str, float]): AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl (-1 where pycocotools has no
+            ground truth for an area range); all 0 without predictions.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    gt = annotations if hasattr(annotations, "loadRes") else _load_gt(annotations)
+    dets = json.loads(Path(predictions).read_text()) if isinstance(predictions, (str, Path)) else predictions
+    if not dets:
+        if print_fn:
+            print_fn("pycocotools: no detections, every COCO statistic is 0")
+        return dict.fromkeys(COCO_STATS, 0.0)
+    dt, _ = _quiet(gt.loadRes, copy.deepcopy(list(dets)))  # loadRes adds area/id/segmentation to what it gets
+    ev = COCOeval(gt, dt, iou_type)
+    if img_ids is not None:
+        ev.params.imgIds = list(img_ids)
+    _quiet(ev.evaluate)
+    _quiet(ev.accumulate)
+    _, table = _quiet(ev.summarize)
+    if print_fn:
+        print_fn(f"pycocotools COCO {iou_type} evaluation:\n{table.rstrip()}")
+    return {k: float(v) for k, v in zip(COCO_STATS, ev.stats)}
+
+
+class TOODDetectionValidator(DetectionValidator):
+    """Ultralytics' DetectionValidator whose `save_json=True` COCO evaluation runs pycocotools (offline).
+
+    Same inputs as Ultralytics' faster-coco-eval path (COCO/LVIS annotation file, or the ground truth built from the
+    labels for other sets), same stats keys; everything else is Ultralytics' validator unchanged.
+    """
+
+    def coco_evaluate(
+        self,
+        stats: dict[str, Any],
+        pred_json: str | Path | list,
+        anno_json: str | Path | dict,
+        iou_types: str | list[str] = "bbox",
+        suffix: str | list[str] = "Box",
+    ) -> dict[str, Any]:
+        """Evaluate with pycocotools (see `DetectionValidator.coco_evaluate` for the arguments); Ultralytics' own
+        path if pycocotools is missing."""
+        try:
+            import pycocotools  # noqa: F401
+        except ImportError:
+            return super().coco_evaluate(stats, pred_json, anno_json, iou_types, suffix)
+        if not (self.args.save_json and len(self.jdict) and (self.is_coco or self.is_lvis or self.gdict)):
+            return stats
+        LOGGER.info("\nEvaluating pycocotools mAP...")
+        try:
+            for x in pred_json, anno_json:
+                if isinstance(x, (str, Path)):
+                    assert Path(x).is_file(), f"{x} file not found"
+            iou_types = [iou_types] if isinstance(iou_types, str) else iou_types
+            suffix = [suffix] if isinstance(suffix, str) else suffix
+            gt = getattr(self, "_pycoco_api", None) or _load_gt(anno_json)
+            self._pycoco_api = gt
+            img_ids = gt.getImgIds() if self.gdict else [int(Path(x).stem) for x in self.dataloader.dataset.im_files]
+            for iou_type, sfx in zip(iou_types, suffix):
+                s = coco_eval(pred_json, gt, img_ids, iou_type)
+                b = sfx[0]
+                if not self.training and (self.is_coco or self.is_lvis):
+                    stats[f"metrics/mAP50({b})"] = s["AP50"]
+                    stats[f"metrics/mAP50-95({b})"] = s["AP"]
+                    stats["fitness"] = 0.9 * s["AP"] + 0.1 * s["AP50"]
+                if iou_type != "keypoints":  # COCO keypoint evaluation has no small area range
+                    for x, k in zip(("small", "medium", "large"), ("APs", "APm", "APl")):
+                        stats[f"metrics/mAP_{x}({b})"] = s[k]
+            if self.is_lvis:
+                stats["fitness"] = stats["metrics/mAP50-95(B)"]
+        except Exception as e:
+            LOGGER.warning(f"pycocotools unable to run: {e}")
+        return stats
+
+
+def match_predictions(
+    predictions: list[dict], gt: dict, classmap: str = "auto"
+) -> tuple[list[dict], dict[str, int]]:
+    """Map a predictions.json of `yolo val` onto a COCO annotation dict: image ids (by id, else file name) and
+    category ids (`classmap`: "auto", "index" = class index + 1 -> i-th sorted category id, or "none").
+
+    Returns the mapped detections and counts of what was left out (`unknown_image`, `unknown_category`).
+    """
+    if classmap not in {"auto", "index", "none"}:
+        raise ValueError(f"classmap must be auto, index or none, got {classmap!r}")
+    ids = {img["id"] for img in gt.get("images", [])}
+    by_file = {Path(str(img["file_name"])).name: img["id"] for img in gt.get("images", []) if "file_name" in img}
+    by_stem = {Path(str(img["file_name"])).stem: img["id"] for img in gt.get("images", []) if "file_name" in img}
+    cats = sorted(c["id"] for c in gt.get("categories", []))
+    pred_cats = {d["category_id"] for d in predictions}
+    if classmap == "auto":
+        if pred_cats <= set(cats):
+            classmap = "none"
+            if cats != list(range(1, len(cats) + 1)) and pred_cats <= set(range(1, len(cats) + 1)):
+                LOGGER.warning(
+                    "predicted category ids fit both the annotation ids and class index + 1: taken as annotation ids "
+                    "(pass classmap=index if the predictions come from a non-COCO-val2017 `yolo val`)"
+                )
+        elif pred_cats <= set(range(1, len(cats) + 1)):
+            classmap = "index"
+        else:
+            raise ValueError(
+                f"predicted category ids {sorted(pred_cats - set(cats))[:10]} are neither categories of the annotation "
+                f"file nor class indices + 1 of its {len(cats)} categories"
+            )
+    out, left = [], {"unknown_image": 0, "unknown_category": 0}
+    for d in predictions:
+        image_id = d["image_id"]
+        if image_id not in ids:
+            name = Path(str(d.get("file_name", ""))).name
+            image_id = by_file.get(name, by_stem.get(str(d["image_id"])))
+        if image_id is None:
+            left["unknown_image"] += 1
+            continue
+        c = d["category_id"]
+        if classmap == "index":
+            c = cats[c - 1] if 1 <= c <= len(cats) else None
+        if c is None or c not in cats:
+            left["unknown_category"] += 1
+            continue
+        out.append({**d, "image_id": image_id, "category_id": c})
+    return out, left
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """`python -m tood_yolo.coco predictions=... annotations=... [classmap=auto|index|none]`: print COCO's table."""
+    args = {"classmap": "auto"}
+    for a in sys.argv[1:] if argv is None else argv:
+        k, sep, v = a.partition("=")
+        if not sep or k not in {"predictions", "annotations", "classmap"}:
+            raise SyntaxError(f"'{a}': use predictions=<predictions.json> annotations=<instances.json> "
+                              f"[classmap=auto|index|none]")
+        args[k] = v
+    if "predictions" not in args or "annotations" not in args:
+        raise SyntaxError("give predictions=<predictions.json of yolo val save_json=True> annotations=<COCO json>")
+    gt = json.loads(Path(args["annotations"]).read_text())
+    dets, left = match_predictions(json.loads(Path(args["predictions"]).read_text()), gt, args["classmap"])
+    for k, n in left.items():
+        if n:
+            LOGGER.warning(f"{n} detections left out: {k.replace('_', ' ')} in {args['annotations']}")
+    print(f"{args['predictions']}: {len(dets)} detections; {args['annotations']}: {len(gt.get('images', []))} images, "
+          f"{len(gt.get('annotations', []))} instances")
+    return coco_eval(dets, gt, print_fn=print)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (SyntaxError, ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
