@@ -109,7 +109,8 @@ def test_warmup_ends_at_initial_epoch_also_after_resume(tiny_data, tmp_path):
 
 
 def test_yolo_cli_and_train_py_give_the_same_loss_curve(tiny_data, tmp_path):
-    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}
+    # the same thread count for both: train.py would otherwise use every core and `yolo` one (Ultralytics' default)
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "OMP_NUM_THREADS": "1"}
     args = [f"model={ROOT / 'cfg/tood-n.yaml'}", f"data={tiny_data}", f"project={tmp_path}", "epochs=2",
             *[f"{k}={v}" for k, v in TINY.items() if k != "epochs"]]
     for cmd, name in (([str(Path(sys.executable).parent / "yolo"), "train"], "cli"),
