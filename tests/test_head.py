@@ -16,6 +16,7 @@ from tood_yolo.head import (
     align_boxes,
     deform_sampling,
     delta2bbox,
+    modulated_deform_conv2d,
     sigmoid_geometric_mean,
 )
 
@@ -71,6 +72,19 @@ def test_deform_sampling_equals_unit_kernel_deform_conv(h, w):
     offset = torch.randn(b, 2 * c, h, w, dtype=torch.float64) * 2.5  # many samples fall partly or fully outside
     expected = deform_conv2d(feat, offset, torch.ones(c, 1, 1, 1, dtype=torch.float64))  # groups, offset groups = c
     torch.testing.assert_close(deform_sampling(feat, offset), expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("stride,groups,dg", [(1, 1, 1), (2, 2, 1), (1, 1, 4)])
+def test_onnx_modulated_deform_conv_equals_torchvision(stride, groups, dg):
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    weight = torch.randn(6, 8 // groups, 3, 3, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    ho, wo = (7 - 1) // stride + 1, (9 - 1) // stride + 1
+    offset = torch.randn(2, 2 * dg * 9, ho, wo, dtype=torch.float64) * 2
+    mask = torch.rand(2, dg * 9, ho, wo, dtype=torch.float64)
+    expected = deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    got = modulated_deform_conv2d(x, offset, mask, weight, bias, stride=stride, padding=1)
+    torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9)
 
 
 def test_align_boxes_falls_back_to_unsampled_box_where_corners_swap():

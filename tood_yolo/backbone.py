@@ -11,6 +11,8 @@ from torchvision.models import get_model_weights
 from torchvision.models import resnet as tv_resnet
 from ultralytics.utils import LOGGER
 
+from .head import ModulatedDeformConv
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # mmdet's (123.675, 116.28, 103.53) / 255, RGB
 IMAGENET_STD = (0.229, 0.224, 0.225)  # mmdet's (58.395, 57.12, 57.375) / 255
 
@@ -103,8 +105,6 @@ class ResNet(tv_resnet.ResNet):
 
     def _add_dcn(self, stages) -> None:
         """Replace the 3x3 conv of every block in `stages` by a modulated deformable conv (mmdet DCNv2, 1 group)."""
-        from .head import ModulatedDeformConv
-
         for s in stages:
             for blk in getattr(self, f"layer{s}"):
                 conv = blk.conv2
@@ -130,6 +130,10 @@ class ResNet(tv_resnet.ResNet):
         state = torch.load(file, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        dcn = {n for n, m in self.named_modules() if isinstance(m, ModulatedDeformConv)}
+        # a DCN stage keeps torchvision's 3x3 weight one level down, beside its own offset conv
+        state = {(f"{k.rpartition('.')[0]}.conv.{k.rpartition('.')[2]}" if k.rpartition(".")[0] in dcn else k): v
+                 for k, v in state.items()}
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if "conv_offset" not in k]  # DCN offset convs are zero-initialised, not in ImageNet
         if missing or unexpected:

@@ -137,11 +137,55 @@ class ConvGNReLU(nn.Sequential):
         self.conv, self.gn, self.act = conv, nn.GroupNorm(groups, c2), nn.ReLU(inplace=True)
 
 
+def modulated_deform_conv2d(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """`torchvision.ops.deform_conv2d` (with mask) written with `grid_sample` and a matmul, for ONNX export only.
+
+    torchvision's op has no ONNX symbolic (as mmcv's: mmdetection #8201); each kernel tap is sampled bilinearly at
+    its offset location (zeros outside), scaled by its mask, then the taps are contracted with the weight.
+
+    Args:
+        x (torch.Tensor): (B, C, H, W) input.
+        offset (torch.Tensor): (B, 2 * dg * kh * kw, Ho, Wo) offsets, (dy, dx) pairs per deform group and tap.
+        mask (torch.Tensor): (B, dg * kh * kw, Ho, Wo) modulation.
+        weight (torch.Tensor): (C_out, C / groups, kh, kw) conv weight.
+
+    Returns:
+        (torch.Tensor): (B, C_out, Ho, Wo) output.
+    """
+    b, c, h, w = x.shape
+    co, cg, kh, kw = weight.shape
+    groups, k = c // cg, kh * kw
+    ho, wo = offset.shape[-2:]
+    dg = offset.shape[1] // (2 * k)
+    ky, kx = torch.meshgrid(
+        torch.arange(kh, device=x.device) * dilation, torch.arange(kw, device=x.device) * dilation, indexing="ij"
+    )
+    base_y = (torch.arange(ho, device=x.device) * stride - padding).view(1, 1, 1, ho, 1) + ky.reshape(1, 1, k, 1, 1)
+    base_x = (torch.arange(wo, device=x.device) * stride - padding).view(1, 1, 1, 1, wo) + kx.reshape(1, 1, k, 1, 1)
+    off = offset.view(b, dg, k, 2, ho, wo)
+    py, px = base_y + off[:, :, :, 0], base_x + off[:, :, :, 1]
+    grid = torch.stack(((2 * px + 1) / w - 1, (2 * py + 1) / h - 1), -1).view(b * dg, k * ho, wo, 2)
+    cols = F.grid_sample(x.reshape(b * dg, c // dg, h, w), grid.to(x.dtype), padding_mode="zeros", align_corners=False)
+    cols = (cols.view(b, dg, c // dg, k, ho, wo) * mask.view(b, dg, 1, k, ho, wo)).reshape(b, groups, cg * k, ho * wo)
+    out = torch.matmul(weight.view(groups, co // groups, cg * k), cols).view(b, co, ho, wo)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
 class ModulatedDeformConv(nn.Module):
     """Modulated deformable conv (DCNv2) with its own offset/mask predictor, as mmcv's ModulatedDeformConv2dPack.
 
     The offset conv predicts (o1, o2, mask) in 3 chunks; offsets are cat(o1, o2), the mask is sigmoid(mask), and it is
-    zero-initialised so training starts from a plain convolution. Uses `torchvision.ops.DeformConv2d`.
+    zero-initialised so training starts from a plain convolution. Uses `torchvision.ops.DeformConv2d`, and
+    `modulated_deform_conv2d` when exporting to ONNX.
     """
 
     def __init__(
@@ -155,7 +199,11 @@ class ModulatedDeformConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o1, o2, mask = self.conv_offset(x).chunk(3, dim=1)
-        return self.conv(x, torch.cat((o1, o2), 1), mask.sigmoid())
+        offset, mask = torch.cat((o1, o2), 1), mask.sigmoid()
+        if torch.onnx.is_in_onnx_export():
+            c = self.conv
+            return modulated_deform_conv2d(x, offset, mask, c.weight, c.bias, c.stride[0], c.padding[0], c.dilation[0])
+        return self.conv(x, offset, mask)
 
 
 class TaskDecomposition(nn.Module):
