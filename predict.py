@@ -15,6 +15,7 @@ from ultralytics.utils import ASSETS, LOGGER
 
 import tood_yolo  # noqa: F401  (registers TOOD when the package runs from a source checkout)
 from tood_yolo.cli import parse_args
+from tood_yolo.deploy import run
 
 ROOT = Path(__file__).resolve().parent
 
@@ -31,8 +32,9 @@ def default_model() -> str:
 def main(argv: list[str]) -> None:
     args = parse_args(argv, {"source": str(ASSETS), "save": True})
     model = YOLO(args.pop("model", None) or default_model())
-    args.pop("mode", None)
-    for _ in model.predict(stream=True, **{k: v for k, v in args.items() if k != "stream"}):
+    mode = "track" if args.pop("mode", None) == "track" or "tracker" in args else "predict"
+    # fails fast on a webcam/stream that does not open; skips (and logs) corrupt video frames; always streams
+    for _ in run(model, args.pop("source"), mode=mode, **args):
         pass
 
 

@@ -154,6 +154,15 @@ def test_missing_backbone_weights_file_is_an_error(tmp_path):
         ResNet(18, weights=str(tmp_path / "nope.pth"))
 
 
+def test_predict_py_takes_yolo_arguments(offline_env, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(ASSETS / "bus.jpg", images / "bus.jpg")
+    run([sys.executable, str(ROOT / "predict.py"), f"model={ROOT / 'cfg/tood-n.yaml'}", f"source={images}",
+         "imgsz=128", f"project={tmp_path}", "name=pred"], offline_env, tmp_path)
+    assert (tmp_path / "pred" / "bus.jpg").exists()
+
+
 def test_unreadable_image_is_reported(offline_env, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
