@@ -46,19 +46,19 @@ import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ultralytics.cfg import merge_equals_args, parse_key_value_pair
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER
 from ultralytics.utils.files import increment_path
 from ultralytics.utils.metrics import box_iou
 from ultralytics.utils.ops import ltwh2xyxy, scale_boxes, xywh2xyxy
+
+from .cli import parse_tool_args
 
 __all__ = (
     "AlignmentStats",
@@ -518,14 +518,7 @@ CLI_DEFAULTS = {
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
     """Parse Ultralytics-style `key=value` arguments over `CLI_DEFAULTS`; `model` and `predictions` take lists."""
-    args = dict(CLI_DEFAULTS)
-    for pair in merge_equals_args(list(argv)):  # as `yolo` does, so "imgsz = 320" works too
-        k, v = parse_key_value_pair(pair) if "=" in pair else (pair, None)
-        if k not in CLI_DEFAULTS or v is None:
-            close = get_close_matches(k, CLI_DEFAULTS)
-            hint = f" Did you mean {close[0]}=...?" if close and close[0] != k else ""
-            raise SyntaxError(f"'{pair}' is not a valid key=value argument.{hint} Keys: {', '.join(CLI_DEFAULTS)}")
-        args[k] = v
+    args = parse_tool_args(argv, CLI_DEFAULTS)
     for k in "model", "predictions":  # comma-separated lists, so several models go side by side
         args[k] = [s.strip() for s in str(args[k]).split(",") if s.strip()] if args[k] is not None else []
     if not args["model"] and not args["predictions"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from typing import Any
 
 from ultralytics.cfg import DEFAULT_CFG_DICT, check_dict_alignment, merge_equals_args, parse_key_value_pair
@@ -26,3 +27,20 @@ def parse_args(argv: list[str], defaults: dict[str, Any] | None = None) -> dict[
             raise SyntaxError(f"'{a}' needs a value, i.e. '{a}={DEFAULT_CFG_DICT.get(a)}'")
     check_dict_alignment(DEFAULT_CFG_DICT, overrides)
     return {**(defaults or {}), **overrides}
+
+
+def parse_tool_args(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`key=value` arguments of a tool (not of an Ultralytics mode) over its `defaults`, which list the valid keys.
+
+    Values are parsed as `yolo` parses them; an unknown key or a key without a value is a SyntaxError with the
+    closest valid key as a hint.
+    """
+    args = dict(defaults)
+    for pair in merge_equals_args(list(argv)):  # as `yolo` does, so "imgsz = 320" works too
+        k, v = parse_key_value_pair(pair) if "=" in pair else (pair, None)
+        if k not in defaults or v is None:
+            close = get_close_matches(k, defaults)
+            hint = f" Did you mean {close[0]}=...?" if close and close[0] != k else ""
+            raise SyntaxError(f"'{pair}' is not a valid key=value argument.{hint} Keys: {', '.join(defaults)}")
+        args[k] = v
+    return args

@@ -34,7 +34,6 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Callable
 
@@ -736,16 +735,9 @@ CLI_DEFAULTS = {
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
     """Ultralytics-style `key=value` arguments over `CLI_DEFAULTS`."""
-    from ultralytics.cfg import merge_equals_args, parse_key_value_pair
+    from .cli import parse_tool_args
 
-    args = dict(CLI_DEFAULTS)
-    for pair in merge_equals_args(list(argv)):
-        k, v = parse_key_value_pair(pair) if "=" in pair else (pair, None)
-        if k not in CLI_DEFAULTS or v is None:
-            close = get_close_matches(k, CLI_DEFAULTS)
-            hint = f" Did you mean {close[0]}=...?" if close and close[0] != k else ""
-            raise SyntaxError(f"'{pair}' is not a valid key=value argument.{hint} Keys: {', '.join(CLI_DEFAULTS)}")
-        args[k] = v
+    args = parse_tool_args(argv, CLI_DEFAULTS)
     if not args["model"] or not args["source"]:
         raise SyntaxError("usage: python -m tood_yolo.maps model=<tood .pt or .yaml> source=<image> [imgsz=640 "
                           "topk=20 conf=0.0 cls=max|top|<class> arrow_scale=1 project=runs/maps name=maps]")
