@@ -59,6 +59,7 @@ from ultralytics.utils.metrics import box_iou
 from ultralytics.utils.ops import ltwh2xyxy, scale_boxes, xywh2xyxy
 
 from .cli import parse_tool_args
+from .coco import no_nms_time_limit
 
 __all__ = (
     "AlignmentStats",
@@ -349,7 +350,8 @@ class AlignmentValidator(DetectionValidator):
                 f"{getattr(raw, 'shape', type(raw))}; end-to-end (NMS-free) outputs cannot be studied"
             )
         self.raw = raw[:, : 4 + self.nc]
-        return super().postprocess(preds)
+        with no_nms_time_limit():  # the post-NMS counts must not depend on how busy the CPU is
+            return super().postprocess(preds)
 
     def update_metrics(self, preds: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
         """Measure each image's alignment, then update the usual metrics."""
@@ -404,7 +406,8 @@ def alignment_study(
         multi_label (bool): Pre-NMS predictions per anchor and class (True) or per anchor with its best class (False).
 
     Returns:
-        (dict[str, Any]): `model`, the `AlignmentStats.summary` keys, `map50_95` of the same val run, and settings.
+        (dict[str, Any]): `model`, the `AlignmentStats.summary` keys, `map50_95` and `map50` of the same val run, and
+            settings.
     """
     from ultralytics import YOLO
     from ultralytics.engine.model import Model
@@ -443,6 +446,7 @@ def alignment_study(
         "model": name,
         **validator.alignment.summary(),
         "map50_95": stats.get("metrics/mAP50-95(B)"),
+        "map50": stats.get("metrics/mAP50(B)"),
         "split": split,
         "imgsz": imgsz,
         "conf": conf,

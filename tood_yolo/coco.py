@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,12 +110,35 @@ def coco_eval(
     return {k: float(v) for k, v in zip(COCO_STATS, ev.stats)}
 
 
+@contextlib.contextmanager
+def no_nms_time_limit():
+    """Run Ultralytics' NMS without its time limit (2 s + 0.05 s per image) for the duration of the block.
+
+    Past the limit Ultralytics only warns and gives the rest of the batch no detections, so on a slow or busy CPU the
+    mAP of a weakly trained model (every score above conf=0.001 early in TOOD training) would depend on the load.
+    """
+    from ultralytics.utils import nms
+
+    original = nms.non_max_suppression
+    nms.non_max_suppression = functools.partial(original, max_time_img=math.inf)
+    try:
+        yield
+    finally:
+        nms.non_max_suppression = original
+
+
 class TOODDetectionValidator(DetectionValidator):
-    """Ultralytics' DetectionValidator whose `save_json=True` COCO evaluation runs pycocotools (offline).
+    """Ultralytics' DetectionValidator whose `save_json=True` COCO evaluation runs pycocotools (offline), and whose NMS
+    has no time limit.
 
     Same inputs as Ultralytics' faster-coco-eval path (COCO/LVIS annotation file, or the ground truth built from the
     labels for other sets), same stats keys; everything else is Ultralytics' validator unchanged.
     """
+
+    def postprocess(self, preds):
+        """Ultralytics' NMS, without the time limit that truncates results on a busy CPU (see `no_nms_time_limit`)."""
+        with no_nms_time_limit():
+            return super().postprocess(preds)
 
     def coco_evaluate(
         self,
