@@ -14,10 +14,11 @@ Both get the same explicit arguments (`HYP` below): SGD, lr0 0.01, momentum 0.9,
 cosine decay to lr0 x lrf (`cos_lr=True` and a non-default `warmup_epochs` switch `TOODTrainer` from the reference's
 500-iteration warm-up and step decay to exactly this schedule; the script checks that both models got the same
 warm-up length and per-epoch learning rates and stops otherwise), flips as the only augmentation, the same seed,
-epochs, image size and batch. `val=False`: no per-epoch validation, so best.pt is the final (EMA) weights and no checkpoint is chosen
-on the evaluation data. Differences that remain, by design of the two trainers/losses: `TOODTrainer` puts weight
-decay on every parameter (mmdet), `DetectionTrainer` not on norm weights and biases; TOOD's loss runs its 4 ATSS
-warm-up epochs before TAL; the v8 loss uses its own gains (box 7.5, cls 0.5, dfl 1.5); the heads differ in size.
+epochs, image size and batch. `val=False`: no per-epoch validation, so best.pt is the final (EMA) weights and no
+checkpoint is chosen on the evaluation data. Differences that remain, by design of the two trainers/losses:
+`TOODTrainer` puts weight decay on every parameter (mmdet), `DetectionTrainer` not on norm weights and biases; TOOD's
+loss runs its 4 ATSS warm-up epochs before TAL; the v8 loss uses its own gains (box 7.5, cls 0.5, dfl 1.5); the heads
+differ in size. Not a with/without-TAL ablation: the v8 loss assigns with a task-aligned assigner too.
 
 Evaluation (after training, on a split the training never used): bccd `test`, synthetic `val`. One Ultralytics
 val pass per model (`tood_yolo.analysis.alignment_study`, i.e. Ultralytics' DetectionValidator plus the study; conf
@@ -62,7 +63,7 @@ from tood_yolo.trainer import RECIPE  # noqa: E402
 
 SHARED_BCCD = ROOT.parent / "shared" / "data" / "bccd"
 DATA_DIR = ROOT / "datasets" / "ablation"
-MODELS = {  # name: (model YAML, what it is)
+MODELS = {  # name: (model YAML, head + loss, the trainer Ultralytics must pick for it)
     "tood": (ROOT / "cfg" / "tood-n.yaml", "T-head + TOOD loss (ATSS warm-up, then TAL)", "TOODTrainer"),
     "detect": (ROOT / "cfg" / "ablation-detect-n.yaml", "YOLOv8 Detect + v8 loss", "DetectionTrainer"),
 }
@@ -97,6 +98,8 @@ def parse_args(argv: list[str]) -> dict:
             args[k] = not sep or v.lower() in ("1", "true", "yes")
         elif k == "datasets":
             args[k] = v
+        elif not v.lstrip("-").isdigit():
+            raise SystemExit(f"{k} needs an integer, e.g. {k}={DEFAULTS[k]}; usage: {USAGE}")
         else:
             args[k] = int(v)
     args["datasets"] = [d.strip() for d in str(args["datasets"]).split(",") if d.strip()]
@@ -108,7 +111,7 @@ def parse_args(argv: list[str]) -> dict:
     return args
 
 
-def prepare_data(name: str, imgsz: int) -> Path:
+def prepare_data(name: str) -> Path:
     """Return the data.yaml of a writable copy of the dataset (Ultralytics writes *.cache files beside the labels)."""
     if name == "synthetic":  # the same set as `python train.py` makes (reused if it is already there)
         return make_synthetic_dataset(ROOT / "datasets" / "synthetic", n_train=256, n_val=64, imgsz=256)
@@ -258,13 +261,13 @@ def main(argv: list[str]) -> list[dict]:
     project.mkdir(parents=True, exist_ok=True)
     rows, t_start = [], time.perf_counter()
     for dataset in args["datasets"]:
-        data = prepare_data(dataset, args["imgsz"])
+        data = prepare_data(dataset)
         for model_name in MODELS:
             rows.append(run_one(dataset, data, model_name, args, project))
             (project / "ablation.json").write_text(json.dumps({"args": args, "rows": rows}, indent=2))  # partial
             schedules = {r["model"]: r["schedule"] for r in rows if r["dataset"] == dataset}
             if len({json.dumps(v, sort_keys=True) for v in schedules.values()}) > 1:
-                raise RuntimeError(f"{dataset}: the two trainers ran different schedules, not a fair comparison: {schedules}")
+                raise RuntimeError(f"{dataset}: the trainers ran different schedules, unfair to compare: {schedules}")
     total_s = time.perf_counter() - t_start
 
     settings = {
