@@ -40,7 +40,7 @@ from typing import Any
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER
 
-from .evaluate import COCO_STATS
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 __all__ = ("TOODDetectionValidator", "coco_eval", "match_predictions", "main")
 

@@ -58,6 +58,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from .backbone import IMAGENET_MEAN, ResNet
+from .coco import COCO_STATS, coco_eval  # noqa: F401  (COCO_STATS: the names of the returned statistics)
 from .head import TOODHead
 
 SCALE = (1333, 800)  # mmdet Resize scale (long, short), keep_ratio=True
@@ -202,9 +203,6 @@ def load_model(model: str | Path | nn.Module, device: str | torch.device = "cpu"
 # ----------------------------------------------------------------------------------------------------------------------
 # COCO evaluation
 # ----------------------------------------------------------------------------------------------------------------------
-COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
 def evaluate(
     model: str | Path | nn.Module,
     images: str | Path,
@@ -218,7 +216,6 @@ def evaluate(
     """Detect on the annotated images of `annotations` (found under `images`), write COCO results json, score with
     pycocotools. Returns COCO's 12 statistics by name (`COCO_STATS`), and `n_images`, `n_detections`."""
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     model = load_model(model, device, half)
     coco = COCO(str(annotations))
@@ -245,16 +242,7 @@ def evaluate(
     out = Path(out) if out else Path("runs") / "tood_eval" / "detections.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results))
-    stats = dict.fromkeys(COCO_STATS, 0.0)
-    if results:
-        coco_eval = COCOeval(coco, coco.loadRes(str(out)), "bbox")
-        coco_eval.params.imgIds = img_ids
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-        stats = {k: float(v) for k, v in zip(COCO_STATS, coco_eval.stats)}
-    elif verbose:
-        print("No detections above the score threshold: every statistic is 0")
+    stats = coco_eval(results, coco, img_ids=img_ids, print_fn=print if verbose else None)
     if verbose:
         print(f"Detections of {len(img_ids)} images written to {out}")
     return {**stats, "n_images": len(img_ids), "n_detections": len(results)}
