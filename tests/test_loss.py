@@ -63,12 +63,12 @@ def test_centerness_target_by_hand():
 class _Model(nn.Module):
     """Just what TOODLoss reads from a DetectionModel: `.model[-1]` (the head), parameters and `.yaml`."""
 
-    def __init__(self, nc=3, strides=(8.0, 16.0), initial_epoch=None):
+    def __init__(self, nc=3, strides=(8.0, 16.0), initial_epoch=None, recipe="mmdet"):
         super().__init__()
         head = TOODHead(nc=nc, feat_channels=32, stacked_convs=1, ch=(8,) * len(strides))
         head.stride = torch.tensor(strides)
         self.model = nn.ModuleList([head])
-        self.yaml = {} if initial_epoch is None else {"initial_epoch": initial_epoch}
+        self.yaml = {"recipe": recipe} if initial_epoch is None else {"recipe": recipe, "initial_epoch": initial_epoch}
 
 
 def _inputs(b=2, nc=3, sizes=((8, 8), (4, 4))):

@@ -14,11 +14,13 @@ import torch
 from ultralytics import YOLO
 
 from tood_yolo.synthetic import make_synthetic_dataset
-from tood_yolo.trainer import RECIPE, TOODTrainer
+from tood_yolo.recipe import RECIPES
+from tood_yolo.trainer import TOODTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
+# the mmdet recipe (no mosaic): loss curves of a few tiny epochs that can be compared
 TINY = {"epochs": 3, "imgsz": 128, "batch": 8, "device": "cpu", "workers": 0, "amp": False, "plots": False,
-        "seed": 0, "deterministic": True, "exist_ok": True, "val": False}
+        "seed": 0, "deterministic": True, "exist_ok": True, "val": False, "recipe": "mmdet"}
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +41,20 @@ def read_losses(run: Path) -> list[tuple[float, float]]:
 
 
 def test_recipe_defaults_and_user_overrides(tiny_data, tmp_path):
-    trainer = TOODTrainer(overrides={"model": str(ROOT / "cfg/tood-n.yaml"), "data": str(tiny_data), "lr0": 0.02,
+    trainer = TOODTrainer(overrides={"model": str(ROOT / "cfg/tood-r50.yaml"), "data": str(tiny_data), "lr0": 0.02,
                                      "batch": 4, "project": str(tmp_path), "device": "cpu"})
     a = trainer.args
+    assert trainer.recipe == a.recipe == "mmdet"
     assert (a.optimizer, a.lr0, a.momentum, a.weight_decay, a.epochs) == ("SGD", 0.02, 0.9, 1e-4, 12)
-    assert a.nbs == 4 and a.mosaic == 0 and a.fliplr == 0.5 and a.hsv_v == 0 and a.scale == 0
+    assert a.mosaic == 0 and a.fliplr == 0.5 and a.hsv_v == 0 and a.scale == 0
     assert trainer._get_warmup_iterations(1000) == 500 and trainer._get_warmup_iterations(20) == 11 * 20
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     trainer.optimizer = trainer.build_optimizer(model, "SGD", 0.01, 0.9, 1e-4)
     assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {1e-4}  # BN and biases decay too
+    assert {g["nesterov"] for g in trainer.optimizer.param_groups} == {False}  # the reference's SGD
     trainer._setup_scheduler()
     assert [trainer.lf(e) for e in (0, 7, 8, 10, 11)] == [1, 1, 0.1 ** 1, 0.1 ** 1, 0.1 ** 2]
-    assert set(RECIPE) <= set(vars(a))
+    assert set(RECIPES["mmdet"]) <= set(vars(a))
 
 
 def test_ddp_worker_rebuilds_the_same_tood_trainer(tiny_data, tmp_path):
@@ -58,12 +62,12 @@ def test_ddp_worker_rebuilds_the_same_tood_trainer(tiny_data, tmp_path):
     from ultralytics.utils.dist import generate_ddp_file
 
     trainer = TOODTrainer(overrides={"model": str(ROOT / "cfg/tood-n.yaml"), "data": str(tiny_data), "batch": 4,
-                                     "project": str(tmp_path), "device": "cpu", "lr0": 0.02})
+                                     "project": str(tmp_path), "device": "cpu", "lr0": 0.02, "recipe": "mmdet"})
     trainer.model = trainer.get_model(cfg=str(ROOT / "cfg/tood-n.yaml"), verbose=False)
     file = Path(generate_ddp_file(trainer))
     # the worker script without its final trainer.train(): the rest of it runs as written
     script = file.read_text().replace("trainer.train()", (
-        "print(type(trainer).__name__, trainer.args.lr0, trainer.args.nbs, trainer._get_warmup_iterations(1000), "
+        "print(type(trainer).__name__, trainer.args.lr0, trainer.recipe, trainer._get_warmup_iterations(1000), "
         "sum(f.__name__ == 'set_loss_epoch' for f in trainer.callbacks['on_train_epoch_start']), "
         "type(trainer.model.model[-1]).__name__)"))
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}
@@ -71,7 +75,7 @@ def test_ddp_worker_rebuilds_the_same_tood_trainer(tiny_data, tmp_path):
     file.unlink()
     file.with_suffix(".pt").unlink()
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split()[-6:] == ["TOODTrainer", "0.02", "4", "500", "1", "TOODHead"]
+    assert p.stdout.split()[-6:] == ["TOODTrainer", "0.02", "mmdet", "500", "1", "TOODHead"]
 
 
 def test_short_training_lowers_both_losses(tiny_data, tmp_path):

@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ultralytics.utils.loss import v8DetectionLoss
-from ultralytics.utils.tal import make_anchors
+from ultralytics.utils.tal import dist2bbox, make_anchors
 
 from .assigners import ATSSAssigner, TaskAlignedAssigner
-
-INITIAL_EPOCH = 4  # epochs of ATSS warm-up before task alignment learning
+from .head import TOODHead
+from .recipe import LossScale, arg, check_recipe, initial_epoch_of, recipe_of
 
 
 def quality_focal_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
@@ -85,17 +85,18 @@ def reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 class TOODLoss:
-    """TOOD's loss for a model whose last layer is a `TOODHead`.
+    """TOOD's loss for a model whose last layer is a `TOODHead` (or, for the ablation, Ultralytics' `Detect`).
 
-    Epochs < `initial_epoch` (4): ATSS targets, focal loss on hard labels / number of positives and
-    centreness-weighted GIoU / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft
-    label and t_hat-weighted GIoU, both / max(sum of t_hat, 1). GIoU has weight 2. Averaging factors are all-reduced
-    under DDP; the returned loss is divided by the world size because Ultralytics multiplies it back before DDP
-    averages gradients, so the optimiser sees the reference's gradients. Set `epoch` (a plain int) at every epoch
-    start; `TOODTrainer` does.
+    Epochs < `initial_epoch`: ATSS targets, focal loss on hard labels / number of positives and centreness-weighted
+    GIoU / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft label and t_hat-weighted
+    GIoU, both / max(sum of t_hat, 1). Averaging factors are all-reduced under DDP. The recipe (`tood_yolo.recipe`)
+    decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=` gains, calibrated, under
+    ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up come from the trainer's
+    arguments, which Ultralytics attaches to the model as `model.args`, else from the model YAML. Set `epoch` (a plain
+    int) at every epoch start; `TOODTrainer` does.
 
     Returns (when called with predictions and a batch): the loss to back-propagate and the detached
-    {"loss_cls", "loss_bbox"} of the batch, as the reference logs them (loss_bbox includes the weight 2).
+    {"loss_cls", "loss_bbox"} of the batch, as the reference logs them (weighted, per positive, not scaled).
     """
 
     preprocess = v8DetectionLoss.preprocess  # padded (B, M, 5) class + pixel xyxy targets, as Ultralytics builds them
@@ -105,20 +106,21 @@ class TOODLoss:
     def __init__(
         self,
         model: torch.nn.Module,
-        initial_epoch: int | None = None,
         topk: int = 13,
         alpha: float = 1.0,
         beta: float = 6.0,
         atss_topk: int = 9,
-        cls_weight: float = 1.0,
-        bbox_weight: float = 2.0,
     ):
-        head = model.model[-1]
+        head, args, yaml = model.model[-1], getattr(model, "args", None), getattr(model, "yaml", None) or {}
         self.device = next(model.parameters()).device
-        self.nc, self.stride, self.anchor_offset = head.nc, head.stride, head.anchor_offset
-        if initial_epoch is None:  # the model YAML may set the warm-up length (`initial_epoch: 4`, the reference's)
-            initial_epoch = getattr(model, "yaml", {}).get("initial_epoch", INITIAL_EPOCH)
-        self.initial_epoch, self.cls_weight, self.bbox_weight = initial_epoch, cls_weight, bbox_weight
+        self.nc, self.stride = head.nc, head.stride
+        self.anchor_offset = getattr(head, "anchor_offset", 0.5)  # Detect's anchor points sit at cell centres
+        self.detect_head = not isinstance(head, TOODHead)  # distances and logits to decode (the ablation's Detect)
+        self.reg_max = head.reg_max
+        self.recipe = check_recipe(arg(args, "recipe") or recipe_of(yaml))
+        self.scale = LossScale(self.recipe)
+        self.gains = arg(args, "cls"), arg(args, "box")
+        self.initial_epoch = initial_epoch_of(args, yaml, self.recipe)
         self.assigner = TaskAlignedAssigner(self.nc, topk=topk, alpha=alpha, beta=beta)
         self.initial_assigner = ATSSAssigner(self.nc, topk=atss_topk)
         self.epoch = 0
@@ -131,11 +133,27 @@ class TOODLoss:
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         preds = self.parse_output(preds)
         with torch.autocast(self.device.type, enabled=False):  # fp32 under AMP, as the reference (and BCE needs it)
-            loss_cls, loss_bbox = self.loss(
-                preds["boxes"].float().permute(0, 2, 1), preds["scores"].float().permute(0, 2, 1), preds["feats"], batch
-            )
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        return (loss_cls + loss_bbox) / world, {"loss_cls": loss_cls.detach(), "loss_bbox": loss_bbox.detach()}
+            boxes, scores = self.decode(preds)
+            loss_cls, loss_bbox = self.loss(boxes, scores, preds["feats"], batch)
+        return self.scale.scale(loss_cls + loss_bbox, boxes.shape[0]), {
+            "loss_cls": loss_cls.detach(),
+            "loss_bbox": loss_bbox.detach(),
+        }
+
+    def decode(self, preds: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A, 4) xyxy boxes in stride units and (B, A, C) probabilities from the head's training outputs.
+
+        A `TOODHead` gives both directly. A `Detect` head gives DFL distributions (or ltrb distances when reg_max is 1)
+        and class logits: decoded with its expectation and a sigmoid, as Ultralytics does at inference.
+        """
+        boxes, scores = preds["boxes"].float().permute(0, 2, 1), preds["scores"].float().permute(0, 2, 1)
+        if self.detect_head:
+            b, a, _ = boxes.shape
+            proj = torch.arange(self.reg_max, device=boxes.device, dtype=boxes.dtype)
+            ltrb = boxes.view(b, a, 4, self.reg_max).softmax(3).matmul(proj) if self.reg_max > 1 else boxes
+            points = make_anchors(preds["feats"], self.stride, self.anchor_offset)[0]
+            boxes, scores = dist2bbox(ltrb, points, xywh=False), scores.sigmoid()
+        return boxes, scores
 
     def loss(
         self, boxes: torch.Tensor, scores: torch.Tensor, feats: list[torch.Tensor], batch: dict
@@ -178,4 +196,24 @@ class TOODLoss:
         box = (giou_loss(boxes[a.fg_mask], a.bboxes[a.fg_mask].float() / strides_pos) * box_weight).sum()
         cls_factor = reduce_mean(cls_factor).clamp(min=1)
         box_factor = reduce_mean(box_weight.sum()).clamp(min=1)
-        return cls / cls_factor * self.cls_weight, box / box_factor * self.bbox_weight
+        cls_weight, bbox_weight = self.scale.weights(self.warmup, *self.gains)
+        return cls / cls_factor * cls_weight, box / box_factor * bbox_weight
+
+
+class THeadV8Loss(v8DetectionLoss):
+    """Ultralytics' YOLOv8 loss on a `TOODHead`'s outputs: the ablation's "T-head + v8 loss" cell.
+
+    Everything is v8's (its task-aligned assigner with topk 10, alpha 0.5; BCE on logits; CIoU; anchor points at cell
+    centres; gains `box`/`cls`/`dfl`; loss x batch size). The T-head predicts boxes, not DFL distributions (reg_max 1),
+    so v8's L1 term on normalised ltrb distances takes DFL's place, as for any reg_max-1 head in Ultralytics. The aligned
+    boxes become ltrb distances from v8's anchor points and the aligned scores sqrt(P * M) become logits (clamped to
+    [1e-6, 1 - 1e-6] before the logit, beyond which BCE's gradient through the clamp is 0).
+    """
+
+    def parse_output(self, preds) -> dict[str, torch.Tensor]:
+        """The T-head's xyxy boxes (B, 4, A, stride units) and probabilities as v8's distances and logits."""
+        preds = super().parse_output(preds)
+        points = make_anchors(preds["feats"], self.stride, 0.5)[0].T.unsqueeze(0)  # (1, 2, A)
+        boxes = preds["boxes"].float()
+        ltrb = torch.cat((points - boxes[:, :2], boxes[:, 2:] - points), 1)
+        return {"boxes": ltrb, "scores": torch.logit(preds["scores"].float(), eps=1e-6), "feats": preds["feats"]}

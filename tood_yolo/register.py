@@ -9,8 +9,12 @@ after `ultralytics.nn.tasks` is first imported. `import tood_yolo` calls it too.
    input channels measured by a small dummy forward through the layers before them (`_build_tood_layers`);
 2. wraps `guess_model_task` so that a TOOD YAML or model is a detection model;
 3. exposes the modules in `ultralytics.nn.tasks`, where `parse_model` resolves YAML names;
-4. routes TOOD models to TOOD's loss (`DetectionModel.init_criterion`) and trainer (`YOLO.task_map`);
-5. gives an offline Ultralytics (YOLO_OFFLINE=1) a font, since `check_font` would otherwise try the network.
+4. routes TOOD models to TOOD's loss (`DetectionModel.init_criterion`) and trainer (`YOLO.task_map`); a model YAML's
+   `loss: tood` / `loss: v8` swaps the losses of `Detect` and `TOODHead` (the ablation's 2x2);
+5. adds TOOD's training arguments (`TOOD_ARGS`) to Ultralytics' default configuration, so that `yolo train recipe=...`
+   passes Ultralytics' argument check and the values travel with the run's arguments (args.yaml, checkpoints, resume,
+   DDP workers);
+6. gives an offline Ultralytics (YOLO_OFFLINE=1) a font, since `check_font` would otherwise try the network.
 
 Checkpoints pickle the modules by their path in this package, so a TOOD `.pt` loads wherever it is installed.
 """
@@ -33,16 +37,19 @@ from .head import TOODHead
 from .neck import FPN
 
 TOOD_MODULES: dict[str, type[nn.Module]] = {"ResNet": ResNet, "FPN": FPN, "TOODHead": TOODHead}
+# Arguments TOOD adds to Ultralytics' (None: decided by the model YAML and the recipe, tood_yolo/recipe.py)
+TOOD_ARGS = {"recipe": None, "initial_epoch": None}
 PROBE_SIZE = 64  # side of the dummy input that measures channels; any multiple of the largest backbone stride
 _done: set[str] = set()  # parts of the registration already applied
 
 
 def is_tood(model) -> bool:
-    """Whether `model` (a model YAML dict or an nn.Module; anything else is not) is a TOOD model."""
+    """Whether `model` (a model YAML dict or an nn.Module; anything else is not) is a TOOD model: a T-head, or a
+    YAML that asks for TOOD's loss (`loss: tood`), either of which trains with `TOODTrainer`."""
     if isinstance(model, dict):
-        return any(row[2] == "TOODHead" for row in model.get("head", ()))
+        return model.get("loss") == "tood" or any(row[2] == "TOODHead" for row in model.get("head", ()))
     if isinstance(model, nn.Module):
-        return any(isinstance(m, TOODHead) for m in model.modules())
+        return is_tood(getattr(model, "yaml", None) or {}) or any(isinstance(m, TOODHead) for m in model.modules())
     return False
 
 
@@ -159,10 +166,17 @@ def tood_guess_model_task(model) -> str:
 
 
 def tood_init_criterion(self):
-    """`DetectionModel.init_criterion` returning TOOD's loss for a TOOD head, Ultralytics' loss otherwise."""
-    from .loss import TOODLoss
+    """`DetectionModel.init_criterion`: the loss a YAML names (`loss: tood` / `loss: v8`), else TOOD's for a T-head and
+    Ultralytics' otherwise."""
+    from .loss import THeadV8Loss, TOODLoss
 
-    return TOODLoss(self) if isinstance(self.model[-1], TOODHead) else _ULTRALYTICS_INIT_CRITERION(self)
+    thead = isinstance(self.model[-1], TOODHead)
+    loss = (getattr(self, "yaml", None) or {}).get("loss", "tood" if thead else "v8")
+    if loss not in {"tood", "v8"}:
+        raise ValueError(f"model YAML 'loss: {loss}': choose 'tood' (TAL + QFL + GIoU) or 'v8' (Ultralytics' v8 loss)")
+    if loss == "tood":
+        return TOODLoss(self)
+    return THeadV8Loss(self) if thead else _ULTRALYTICS_INIT_CRITERION(self)
 
 
 def tood_task_map(self) -> dict:
@@ -203,6 +217,11 @@ def register() -> None:
         _done.add("tasks")
         from ultralytics.engine import model as engine_model
 
+        from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT
+
+        for k, v in TOOD_ARGS.items():
+            DEFAULT_CFG_DICT.setdefault(k, v)
+            setattr(DEFAULT_CFG, k, getattr(DEFAULT_CFG, k, v))
         _ULTRALYTICS_PARSE_MODEL, _ULTRALYTICS_GUESS_MODEL_TASK = tasks.parse_model, tasks.guess_model_task
         _ULTRALYTICS_INIT_CRITERION = tasks.DetectionModel.init_criterion
         vars(tasks).update(TOOD_MODULES)
