@@ -1,36 +1,31 @@
-"""Ablation: the T-head + TAL (TOOD) against Ultralytics' Detect head + v8 loss on the same backbone, FPN and data.
+"""The paper's 2x2 ablation in the YOLO regime: {Ultralytics Detect, T-head} x {v8 loss, TOOD loss}, several seeds.
 
 Usage:
-    python benchmarks/ablation.py [epochs=9] [imgsz=256] [batch=16] [datasets=bccd,synthetic] [seed=0] [quick]
+    python benchmarks/ablation.py [preset=cpu|quick|gpu] [epochs=] [imgsz=] [batch=] [seeds=0,1,2]
+                                  [datasets=bccd,synthetic,coco128] [models=detect-v8,...] [split=] [device=]
 
-For each dataset it trains two models from scratch on the CPU with the same trainer hyperparameters:
+Every model shares tood-n's backbone (C2f, width 0.25, depth 0.33) and FPN (P3-P7, 64 channels); only the head and the
+loss change. All cells train under the `ultralytics` recipe (Ultralytics' defaults: optimizer=auto, lr0, nbs=64
+accumulation, warm-up, lrf, mosaic/HSV/scale/translate/fliplr, close_mosaic) with the same epochs, imgsz, batch and
+seeds, from scratch, `val=False` (no checkpoint is picked on evaluation data: best.pt is the final EMA weights):
 
-- `tood`:   cfg/tood-n.yaml (C2f backbone, FPN P3-P7 64 ch, TOODHead) with TOOD's loss, through `TOODTrainer`;
-- `detect`: cfg/ablation-detect-n.yaml (the same backbone and FPN, `Index` layers, Ultralytics' YOLOv8 `Detect`
-  head) with Ultralytics' v8 loss, through Ultralytics' `DetectionTrainer`.
+- `detect-v8`:   cfg/ablation-detect-n.yaml, Ultralytics' YOLOv8 `Detect` + v8 loss, Ultralytics' DetectionTrainer;
+- `detect-tood`: the same with `loss: tood` (TOOD's ATSS warm-up, then TAL + QFL + GIoU), TOODTrainer;
+- `thead-v8`:    cfg/tood-n.yaml with `loss: v8` (the T-head's boxes and scores through v8's loss, `THeadV8Loss`);
+- `thead-tood`:  cfg/tood-n.yaml, the T-head + TOOD's loss (TOOD itself).
+Optional rows: `thead-tood-w0` (no ATSS warm-up, for the warm-up choice, evaluate with split=val), and the
+Ultralytics twins `yolov8n`, `yolov8n-tood`, `yolo11n`, `yolo11n-tood` where those configs exist (cfg/ or Ultralytics).
 
-Both get the same explicit arguments (`HYP` below): SGD, lr0 0.01, momentum 0.9, weight decay 1e-4, `nbs` = batch
-(no gradient accumulation, no weight-decay rescaling), a linear warm-up of `warmup_epochs` (1) and Ultralytics'
-cosine decay to lr0 x lrf (`cos_lr=True` and a non-default `warmup_epochs` switch `TOODTrainer` from the reference's
-500-iteration warm-up and step decay to exactly this schedule; the script checks that both models got the same
-warm-up length and per-epoch learning rates and stops otherwise), flips as the only augmentation, the same seed,
-epochs, image size and batch. `val=False`: no per-epoch validation, so best.pt is the final (EMA) weights and no
-checkpoint is chosen on the evaluation data. Differences that remain, by design of the two trainers/losses:
-`TOODTrainer` puts weight decay on every parameter (mmdet), `DetectionTrainer` not on norm weights and biases; TOOD's
-loss runs its 4 ATSS warm-up epochs before TAL; the v8 loss uses its own gains (box 7.5, cls 0.5, dfl 1.5); the heads
-differ in size. Not a with/without-TAL ablation: the v8 loss assigns with a task-aligned assigner too.
+Presets: `cpu` (default) bccd train -> test, 3 seeds, 20 epochs, imgsz 256, batch 16: about 75 min on an idle 2-core
+CPU; `quick` 1 epoch, seed 0, imgsz 128 (a smoke run, written to runs/ablation-quick); `gpu` bccd and coco128 (train2017
+-> val2017), 3 seeds, 100 epochs, imgsz 640, batch 16, device 0. Evaluation: one Ultralytics val pass per run on the
+evaluation split (`tood_yolo.analysis.alignment_study`: conf 0.001, iou 0.7, max_det 300, rect batches, no NMS time
+limit) gives mAP50-95, mAP50 and TOOD's alignment study (rank correlation of score and IoU over each GT's top-50
+pre-NMS predictions, mean IoU of the top-10, and correct / redundant / error detections after NMS).
 
-Evaluation (after training, on a split the training never used): bccd `test`, synthetic `val`. One Ultralytics
-val pass per model (`tood_yolo.analysis.alignment_study`, i.e. Ultralytics' DetectionValidator plus the study; conf
-0.001, iou 0.7, max_det 300, rect batches as `yolo val`) gives:
-- mAP50-95 and mAP50 of best.pt;
-- the alignment: for each GT the top-50 pre-NMS predictions by score, mean Pearson correlation of their score and
-  IoU ranks (Spearman's rho, `rank_corr`), and the mean IoU of the top-10 (`top10_iou`).
-Ultralytics' NMS time limit is lifted for this pass (see `nms_without_time_limit`). Note that rect val pads each
-batch to ceil(side / 128 + 0.5) x 128 for these stride-128 (P3-P7) models: 256x256 images are scored on 384x384.
-
-Outputs: runs/ablation/<dataset>-<model>/weights/best.pt (and last.pt), runs/ablation/ablation.md and ablation.json.
-`quick` (1 epoch, for a smoke run) writes under runs/ablation-quick instead, so it never overwrites real results.
+Each run's result is saved as it finishes (runs/ablation/runs/<dataset>-<model>-s<seed>.json) and reused by a rerun with
+the same settings, so an interrupted benchmark resumes. Runs go seed by seed, so partial results stay balanced.
+Outputs: runs/ablation/ablation.md (mean +- std per model) and ablation.json (every run).
 """
 
 from __future__ import annotations
@@ -41,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,141 +55,131 @@ sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 import tood_yolo  # noqa: E402, F401  (registers TOOD with Ultralytics)
 from tood_yolo.analysis import alignment_study  # noqa: E402
 from tood_yolo.synthetic import make_synthetic_dataset  # noqa: E402
-from tood_yolo.trainer import RECIPE  # noqa: E402
 
-SHARED_BCCD = ROOT.parent / "shared" / "data" / "bccd"
+SHARED = ROOT.parent / "shared" / "data"
 DATA_DIR = ROOT / "datasets" / "ablation"
-MODELS = {  # name: (model YAML, head + loss, the trainer Ultralytics must pick for it)
-    "tood": (ROOT / "cfg" / "tood-n.yaml", "T-head + TOOD loss (ATSS warm-up, then TAL)", "TOODTrainer"),
-    "detect": (ROOT / "cfg" / "ablation-detect-n.yaml", "YOLOv8 Detect + v8 loss", "DetectionTrainer"),
+ULTRALYTICS_CFG = Path(ultralytics.__file__).parent / "cfg" / "models"
+# name: (model YAML, YAML lines appended to it, head + loss, the trainer Ultralytics must pick for it)
+MODELS = {
+    "detect-v8": (ROOT / "cfg/ablation-detect-n.yaml", "", "Detect + v8 loss", "DetectionTrainer"),
+    "detect-tood": (ROOT / "cfg/ablation-detect-n.yaml", "loss: tood", "Detect + TOOD loss", "TOODTrainer"),
+    "thead-v8": (ROOT / "cfg/tood-n.yaml", "loss: v8", "T-head + v8 loss", "TOODTrainer"),
+    "thead-tood": (ROOT / "cfg/tood-n.yaml", "", "T-head + TOOD loss", "TOODTrainer"),
+    "thead-tood-w0": (ROOT / "cfg/tood-n.yaml", "initial_epoch: 0", "T-head + TOOD loss, no warm-up", "TOODTrainer"),
+    "yolov8n": (ULTRALYTICS_CFG / "v8/yolov8.yaml", "scale: n", "YOLOv8n (Detect + v8 loss)", "DetectionTrainer"),
+    "yolov8n-tood": (ROOT / "cfg/yolov8n-tood.yaml", "", "YOLOv8n neck + T-head + TOOD loss", "TOODTrainer"),
+    "yolo11n": (ULTRALYTICS_CFG / "11/yolo11.yaml", "scale: n", "YOLO11n (Detect + v8 loss)", "DetectionTrainer"),
+    "yolo11n-tood": (ROOT / "cfg/yolo11n-tood.yaml", "", "YOLO11n neck + T-head + TOOD loss", "TOODTrainer"),
 }
-EVAL_SPLIT = {"bccd": "test", "synthetic": "val"}
-USAGE = "python benchmarks/ablation.py [epochs=9] [imgsz=256] [batch=16] [datasets=bccd,synthetic] [seed=0] [quick]"
-DEFAULTS = {"epochs": 9, "imgsz": 256, "batch": 16, "datasets": "bccd,synthetic", "seed": 0, "quick": False}
-# The same trainer arguments for both models (RECIPE's augmentation and optimiser, plus an explicit schedule)
-HYP = {
-    **{k: v for k, v in RECIPE.items() if k not in ("epochs", "batch")},
-    "warmup_epochs": 1.0,
-    "lrf": 0.01,
-    "cos_lr": True,  # the same Ultralytics schedule for both trainers (TOODTrainer's step decay is its own)
-    "device": "cpu",
-    "workers": 0,
-    "amp": False,
-    "deterministic": True,
-    "val": False,
-    "plots": False,
+TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
+DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "coco128": ("train2017", "val2017")}
+PRESETS = {
+    "cpu": {"epochs": 20, "imgsz": 256, "batch": 16, "seeds": "0,1,2", "datasets": "bccd", "device": "cpu"},
+    "quick": {"epochs": 1, "imgsz": 128, "batch": 8, "seeds": "0", "datasets": "bccd", "device": "cpu"},
+    "gpu": {"epochs": 100, "imgsz": 640, "batch": 16, "seeds": "0,1,2", "datasets": "bccd,coco128", "device": "0"},
 }
-VAL = {"conf": 0.001, "iou": 0.7, "max_det": 300, "device": "cpu"}  # `yolo val`'s defaults
+USAGE = ("python benchmarks/ablation.py [preset=cpu|quick|gpu] [epochs=N] [imgsz=N] [batch=N] [seeds=0,1,2] "
+         "[datasets=bccd,synthetic,coco128] [models=detect-v8,detect-tood,thead-v8,thead-tood] [split=test] [device=cpu]")
+# Only what makes runs comparable and reproducible; the rest is the `ultralytics` recipe (Ultralytics' defaults)
+FIXED = {"recipe": "ultralytics", "deterministic": True, "val": False, "plots": False, "amp": False, "exist_ok": True}
+VAL = {"conf": 0.001, "iou": 0.7, "max_det": 300}  # `yolo val`'s defaults
 NMS_SECONDS_PER_IMAGE = 3600.0  # in effect no NMS time limit during the evaluation (see nms_without_time_limit)
 
 
 def parse_args(argv: list[str]) -> dict:
-    """`key=value` arguments over DEFAULTS; a bare `quick` means quick=True."""
-    args = dict(DEFAULTS)
+    """`key=value` arguments over the preset's values (a bare `quick` or `gpu` picks that preset)."""
+    given = {}
     for a in argv:
         k, sep, v = a.removeprefix("--").partition("=")
-        if k not in DEFAULTS:
+        if not sep and k in PRESETS:
+            k, v = "preset", k
+        if k not in {"preset", "models", "split", *PRESETS["cpu"]}:
             raise SystemExit(f"unknown argument {a!r}; usage: {USAGE}")
-        if k == "quick":
-            args[k] = not sep or v.lower() in ("1", "true", "yes")
-        elif k == "datasets":
-            args[k] = v
-        elif not v.lstrip("-").isdigit():
-            raise SystemExit(f"{k} needs an integer, e.g. {k}={DEFAULTS[k]}; usage: {USAGE}")
-        else:
-            args[k] = int(v)
-    args["datasets"] = [d.strip() for d in str(args["datasets"]).split(",") if d.strip()]
-    unknown = set(args["datasets"]) - set(EVAL_SPLIT)
-    if unknown:
-        raise SystemExit(f"unknown datasets {sorted(unknown)}; choose from {', '.join(EVAL_SPLIT)}")
-    if args["quick"]:
-        args["epochs"] = 1
+        given[k] = v
+    preset = given.pop("preset", "cpu")
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    args = {"preset": preset, "models": ",".join(TWO_BY_TWO), "split": None, **PRESETS[preset], **given}
+    for k in ("epochs", "imgsz", "batch"):
+        if not str(args[k]).isdigit():
+            raise SystemExit(f"{k} needs a positive integer, e.g. {k}={PRESETS['cpu'][k]}; usage: {USAGE}")
+        args[k] = int(args[k])
+    args["seeds"] = [int(s) for s in str(args["seeds"]).split(",")]
+    for k, known in (("datasets", DATASETS), ("models", MODELS)):
+        args[k] = [x.strip() for x in str(args[k]).split(",") if x.strip()]
+        if unknown := sorted(set(args[k]) - set(known)):
+            raise SystemExit(f"unknown {k} {unknown}; choose from {', '.join(known)}")
+    if missing := [m for m in args["models"] if not MODELS[m][0].exists()]:
+        raise SystemExit(f"no config for {missing}: {[str(MODELS[m][0]) for m in missing]}")
     return args
 
 
 def prepare_data(name: str) -> Path:
-    """Return the data.yaml of a writable copy of the dataset (Ultralytics writes *.cache files beside the labels)."""
+    """The data.yaml of a writable copy of the dataset (Ultralytics writes *.cache files beside the labels)."""
     if name == "synthetic":  # the same set as `python train.py` makes (reused if it is already there)
         return make_synthetic_dataset(ROOT / "datasets" / "synthetic", n_train=256, n_val=64, imgsz=256)
     dst = DATA_DIR / name
     if not (dst / "data.yaml").exists():
+        src = SHARED / name
+        if not (src / "data.yaml").is_file():
+            raise SystemExit(f"dataset {name}: no {src / 'data.yaml'} (the benchmark reads ../shared/data)")
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(SHARED_BCCD, tmp, ignore=shutil.ignore_patterns("*.cache"))
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.cache"))  # data.yaml paths are relative to it
         tmp.rename(dst)
     return dst / "data.yaml"
 
 
+def model_yaml(name: str, project: Path) -> Path:
+    """The model's YAML, with the row's extra lines (`loss: tood`, ...) appended in a copy under `project`."""
+    cfg, extra = MODELS[name][:2]
+    if not extra:
+        return cfg
+    path = project / "cfg" / f"{name}.yaml"  # the file name gives the run's model its name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cfg.read_text() + f"\n{extra}\n")
+    return path
+
+
 def count_params(model: torch.nn.Module) -> int:
-    """All weights, frozen ones kept as buffers included, BatchNorm running statistics excluded."""
+    """All weights, BatchNorm running statistics excluded."""
     stats = ("running_mean", "running_var", "num_batches_tracked")
     return sum(v.numel() for k, v in model.state_dict().items() if not k.endswith(stats))
 
 
-def run_one(dataset: str, data: Path, model_name: str, args: dict, project: Path) -> dict:
-    """Train one model on one dataset, then evaluate best.pt (mAP and alignment) on the evaluation split."""
-    cfg, what, trainer = MODELS[model_name]
-    name = f"{dataset}-{model_name}"
-    train_args = {
-        **HYP,
-        "data": str(data),
-        "epochs": args["epochs"],
-        "imgsz": args["imgsz"],
-        "batch": args["batch"],
-        "nbs": args["batch"],
-        "seed": args["seed"],
-        "project": str(project),
-        "name": name,
-        "exist_ok": True,
-    }
-    model = YOLO(str(cfg))
+def run_one(dataset: str, data: Path, name: str, seed: int, args: dict, project: Path) -> dict:
+    """Train one model with one seed, then evaluate its final weights (mAP and alignment) on the evaluation split."""
+    trainer = MODELS[name][3]
+    run = f"{dataset}-{name}-s{seed}"
+    model = YOLO(str(model_yaml(name, project)))
     t0 = time.perf_counter()
-    model.train(**train_args)
+    model.train(data=str(data), epochs=args["epochs"], imgsz=args["imgsz"], batch=args["batch"], seed=seed,
+                device=args["device"], workers=0 if args["device"] == "cpu" else 8, project=str(project), name=run,
+                **FIXED)
     train_s = time.perf_counter() - t0
-    used = type(model.trainer).__name__
-    if used != trainer:
-        raise RuntimeError(f"{name} trained with {used}, expected {trainer}")
-    best = Path(model.trainer.best)
     tr = model.trainer
-    schedule = {  # what the trainer actually ran: warm-up iterations and the lr factor of every epoch
-        "warmup_iters": tr._get_warmup_iterations(len(tr.train_loader)),
-        "lr_factors": [round(float(tr.lf(e)), 8) for e in range(tr.epochs)],
-        "lr0": tr.args.lr0,
-        "nbs": tr.args.nbs,
-        "accumulate": tr.accumulate,
-    }
-
-    split = EVAL_SPLIT[dataset]
+    if type(tr).__name__ != trainer:
+        raise RuntimeError(f"{run} trained with {type(tr).__name__}, expected {trainer}")
+    recipe = {"optimizer": type(tr.optimizer).__name__, "lr": tr.optimizer.defaults["lr"], "nbs": tr.args.nbs,
+              "accumulate": tr.accumulate, "mosaic": tr.args.mosaic, "close_mosaic": tr.args.close_mosaic}
+    criterion = tr.model.criterion
+    split = args["split"] or DATASETS[dataset][1]
     t0 = time.perf_counter()
-    trained = YOLO(str(best))
-    head = trained.model.model[-1]
-    result = evaluate(trained, data, split, args["imgsz"], args["batch"])
-    eval_s = time.perf_counter() - t0
+    trained = YOLO(str(tr.last))
+    result = evaluate(trained, data, split, args)
     return {
-        "dataset": dataset,
-        "model": model_name,
-        "head_loss": what,
-        "trainer": used,
-        "weights": str(best.relative_to(ROOT) if best.is_relative_to(ROOT) else best),
-        "params": count_params(trained.model),
-        "head_params": count_params(head),
-        "eval_split": split,
-        **result,
-        "schedule": schedule,
-        "train_s": round(train_s, 1),
-        "eval_s": round(eval_s, 1),
+        "dataset": dataset, "model": name, "head_loss": MODELS[name][2], "seed": seed, "trainer": trainer,
+        "loss": type(criterion).__name__, "initial_epoch": getattr(criterion, "initial_epoch", None),
+        "params": count_params(trained.model), "head_params": count_params(trained.model.model[-1]),
+        "eval_split": split, **result, "recipe": recipe,
+        "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t0, 1),
     }
 
 
 @contextlib.contextmanager
 def nms_without_time_limit():
-    """Lift Ultralytics' NMS time limit (2 s + 0.05 s per image of a batch) for the evaluation.
-
-    On a shared CPU, a weakly trained model with every score above conf=0.001 (up to anchors x classes boxes per
-    image) runs past the limit; Ultralytics then warns and drops the remaining images of the batch, which lowers
-    mAP by chance (seen here: 0.018 instead of 0.043). Validation during training keeps the limit (its numbers
-    are not used here).
-    """
+    """Lift Ultralytics' NMS time limit (2 s + 0.05 s per image of a batch) for the evaluation: on a shared CPU a weakly
+    trained model with every score above conf=0.001 runs past it, and Ultralytics then drops the rest of the batch."""
     original = nms.non_max_suppression
     nms.non_max_suppression = functools.partial(original, max_time_img=NMS_SECONDS_PER_IMAGE)
     try:
@@ -202,93 +188,91 @@ def nms_without_time_limit():
         nms.non_max_suppression = original
 
 
-def evaluate(model: YOLO, data: Path, split: str, imgsz: int, batch: int) -> dict:
+def evaluate(model: YOLO, data: Path, split: str, args: dict) -> dict:
     """One Ultralytics val pass of `model` on `split` that gives both its mAPs and TOOD's alignment study."""
     metrics = {}
     model.add_callback("on_val_end", lambda validator: metrics.update(validator.metrics.results_dict))
     with nms_without_time_limit():
-        align = alignment_study(model, data, split=split, imgsz=imgsz, batch=batch, **VAL)
-    if metrics.get("metrics/mAP50-95(B)") != align["map50_95"]:
-        raise RuntimeError(f"val metrics not captured from the alignment study's run: {metrics}, {align['map50_95']}")
+        align = alignment_study(model, data, split=split, imgsz=args["imgsz"], batch=args["batch"],
+                                device=args["device"], **VAL)
     return {
-        "eval_images": align["images"],
-        "eval_instances": align["instances"],
-        "map50_95": metrics["metrics/mAP50-95(B)"],
-        "map50": metrics["metrics/mAP50(B)"],
-        "rank_corr": align["rank_corr"],
-        "top10_iou": align["top_iou"],
-        "ranked": align["ranked"],
-        "detections": align["detections"],
-        "correct_pct": align["correct_pct"],
-        "redundant_pct": align["redundant_pct"],
-        "error_pct": align["error_pct"],
+        "map50_95": metrics["metrics/mAP50-95(B)"], "map50": metrics["metrics/mAP50(B)"],
+        "rank_corr": align["rank_corr"], "top10_iou": align["top_iou"], "correct_pct": align["correct_pct"],
+        "redundant_pct": align["redundant_pct"], "error_pct": align["error_pct"],
     }
 
 
-def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+STATS = (("map50_95", "mAP50-95", ".3f"), ("map50", "mAP50", ".3f"), ("rank_corr", "rank corr", ".3f"),
+         ("top10_iou", "top-10 IoU", ".3f"), ("correct_pct", "correct %", ".1f"), ("redundant_pct", "redundant %", ".1f"),
+         ("error_pct", "error %", ".1f"))
+
+
+def mean_std(values: list, spec: str) -> str:
+    """'mean +- std' (sample std over seeds) of the values that exist."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):{spec}} ± {std:{spec}}"
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = (
-        "| dataset (eval split) | model | head + loss | params (head) | mAP50-95 | mAP50 | rank corr | top-10 IoU "
-        "| train min |\n|---|---|---|---|---|---|---|---|---|\n"
-    )
-    return head + "".join(
-        f"| {r['dataset']} ({r['eval_split']}) | {r['model']} | {r['head_loss']} | "
-        f"{r['params'] / 1e6:.2f}M ({r['head_params'] / 1e6:.2f}M) | {fmt(r['map50_95'], '.3f')} | "
-        f"{fmt(r['map50'], '.3f')} | {fmt(r['rank_corr'], '.3f')} | {fmt(r['top10_iou'], '.3f')} | "
-        f"{r['train_s'] / 60:.1f} |\n"
-        for r in rows
-    )
+    """Mean +- std over seeds per (dataset, model), in the order the models were asked for."""
+    head = "| dataset (eval split) | model | head + loss | seeds | params (head) | " + " | ".join(
+        s[1] for s in STATS) + " | train min |\n|" + "---|" * (len(STATS) + 6) + "\n"
+    lines = []
+    for key in dict.fromkeys((r["dataset"], r["model"]) for r in rows):
+        g = [r for r in rows if (r["dataset"], r["model"]) == key]
+        r = g[0]
+        lines.append(
+            f"| {r['dataset']} ({r['eval_split']}) | {r['model']} | {r['head_loss']} | {len(g)} | "
+            f"{r['params'] / 1e6:.2f}M ({r['head_params'] / 1e6:.2f}M) | "
+            + " | ".join(mean_std([x[key] for x in g], spec) for key, _, spec in STATS)
+            + f" | {statistics.mean(x['train_s'] for x in g) / 60:.1f} |\n"
+        )
+    return head + "".join(lines)
 
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"ultralytics {ultralytics.__version__}, Python {platform.python_version()}"
-    )
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}, ultralytics {ultralytics.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def main(argv: list[str]) -> list[dict]:
     args = parse_args(argv)
-    project = ROOT / "runs" / ("ablation-quick" if args["quick"] else "ablation")
-    project.mkdir(parents=True, exist_ok=True)
+    project = ROOT / "runs" / ("ablation-quick" if args["preset"] == "quick" else "ablation")
+    saved = project / "runs"
+    saved.mkdir(parents=True, exist_ok=True)
+    settings = {k: args[k] for k in ("epochs", "imgsz", "batch", "split", "device")}
     rows, t_start = [], time.perf_counter()
     for dataset in args["datasets"]:
         data = prepare_data(dataset)
-        for model_name in MODELS:
-            rows.append(run_one(dataset, data, model_name, args, project))
-            (project / "ablation.json").write_text(json.dumps({"args": args, "rows": rows}, indent=2))  # partial
-            schedules = {r["model"]: r["schedule"] for r in rows if r["dataset"] == dataset}
-            if len({json.dumps(v, sort_keys=True) for v in schedules.values()}) > 1:
-                raise RuntimeError(f"{dataset}: the trainers ran different schedules, unfair to compare: {schedules}")
+        for seed in args["seeds"]:
+            for name in args["models"]:
+                file = saved / f"{dataset}-{name}-s{seed}.json"
+                old = json.loads(file.read_text()) if file.exists() else None
+                if old and old["settings"] == settings:
+                    rows.append(old["row"])  # the same run, finished before
+                    continue
+                rows.append(run_one(dataset, data, name, seed, args, project))
+                file.write_text(json.dumps({"settings": settings, "row": rows[-1]}, indent=2))
     total_s = time.perf_counter() - t_start
-
-    settings = {
-        "args": args,
-        "trainer_args": {**HYP, "nbs": args["batch"]},
-        "val_args": VAL,
-        "machine": machine(),
-        "total_s": round(total_s, 1),
-        "command": "python benchmarks/ablation.py " + " ".join(argv),
-    }
-    table = markdown_table(rows)
-    md = (
-        f"# Ablation: T-head + TAL vs Detect + v8 loss\n\n`{settings['command'].strip()}`: {args['epochs']} epochs, "
-        f"imgsz {args['imgsz']}, batch {args['batch']}, seed {args['seed']}; {settings['machine']}; "
-        f"total {total_s / 60:.1f} min.\n\n{table}\n"
-        "rank corr: mean Spearman correlation of score and IoU over each GT's top-50 pre-NMS predictions; "
-        "top-10 IoU: mean IoU of each GT's 10 best-scored pre-NMS predictions (both on the evaluation split; "
-        "post-NMS counts are in ablation.json).\n"
-    )
+    command = "python benchmarks/ablation.py " + " ".join(argv)
+    rows.sort(key=lambda r: (args["datasets"].index(r["dataset"]), args["models"].index(r["model"]), r["seed"]))
+    md = (f"# Ablation: {{Detect, T-head}} x {{v8 loss, TOOD loss}}, recipe `ultralytics`\n\n`{command.strip()}`: "
+          f"{args['epochs']} epochs, imgsz {args['imgsz']}, batch {args['batch']}, seeds {args['seeds']}, "
+          f"{args['device']}; {machine()}; {total_s / 60:.1f} min in this call.\n\n{markdown_table(rows)}\n"
+          "Mean ± sample std over seeds. rank corr: mean Spearman correlation of score and IoU over each GT's top-50 "
+          "pre-NMS predictions; top-10 IoU: mean IoU of each GT's 10 best-scored pre-NMS predictions; correct / "
+          "redundant / error: detections after NMS (conf 0.001) that are a GT's best match at IoU >= 0.5 / another "
+          "match of an already-matched GT / IoU 0.1-0.5.\n")
     (project / "ablation.md").write_text(md)
-    (project / "ablation.json").write_text(json.dumps({**settings, "rows": rows}, indent=2))
+    (project / "ablation.json").write_text(json.dumps({"args": args, "command": command, "machine": machine(),
+                                                       "total_s": round(total_s, 1), "rows": rows}, indent=2))
     print(f"\n{md}\nResults saved to {project / 'ablation.md'} and {project / 'ablation.json'}")
     return rows
 
