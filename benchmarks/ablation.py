@@ -23,6 +23,7 @@ evaluation split (`tood_yolo.analysis.alignment_study`: conf 0.001, iou 0.7, max
 limit) gives mAP50-95, mAP50 and TOOD's alignment study (rank correlation of score and IoU over each GT's top-50
 pre-NMS predictions, mean IoU of the top-10, and correct / redundant / error detections after NMS).
 
+`split=val` evaluates on the validation split instead (for choices such as the warm-up, written to runs/ablation-val).
 Each run's result is saved as it finishes (runs/ablation/runs/<dataset>-<model>-s<seed>.json) and reused by a rerun with
 the same settings, so an interrupted benchmark resumes. Runs go seed by seed, so partial results stay balanced.
 Outputs: runs/ablation/ablation.md (mean +- std per model) and ablation.json (every run).
@@ -245,6 +246,8 @@ def machine() -> str:
 def main(argv: list[str]) -> list[dict]:
     args = parse_args(argv)
     project = ROOT / "runs" / ("ablation-quick" if args["preset"] == "quick" else "ablation")
+    if args["split"]:  # choices made on another split (e.g. the warm-up on val) never overwrite the test runs
+        project = project.with_name(f"{project.name}-{args['split']}")
     saved = project / "runs"
     saved.mkdir(parents=True, exist_ok=True)
     settings = {k: args[k] for k in ("epochs", "imgsz", "batch", "split", "device")}

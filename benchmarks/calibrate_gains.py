@@ -4,11 +4,12 @@ Under `ultralytics`, `lr0` must mean for a TOOD model what it means for YOLOv8. 
 neck (the same rows, given the same initial weights); on the same batches, the norm of
 the gradient that reaches those shared weights is measured for
   (a) Ultralytics' `Detect` + v8 loss (default gains box 7.5, cls 0.5, dfl 1.5; loss x batch), and
-  (b) the T-head + TOOD's loss in Ultralytics' convention with `ULTRALYTICS_GAIN` = 1 (weights 1 and 2; loss x batch),
-in the ATSS warm-up and in TAL. The ratio (a) / (b) is the gain that makes one step of (b) as large as one of (a).
+  (b) the T-head + TOOD's loss in Ultralytics' convention (weights 1 and 2; loss x batch),
+in the ATSS warm-up and in TAL. The ratio (a) / (b), printed for a gain of 1, is the gain (`ULTRALYTICS_GAIN` of that
+phase) that makes one step of (b) as large as one of (a).
 Only training images are used (never an evaluation split).
 
-    python benchmarks/calibrate_gains.py [--data ../shared/data/bccd/data.yaml] [--pairs tood-n] [--seeds 3]
+    python benchmarks/calibrate_gains.py [--data ../shared/data/bccd/data.yaml] [--pairs tood-n] [--seeds 2] [--batches 3]
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bccd" / "data.yaml"))
     ap.add_argument("--pairs", default="tood-n", help=f"comma-separated, from {', '.join(PAIRS)}")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--imgsz", type=int, default=384)
     opt = ap.parse_args()
@@ -79,16 +80,16 @@ def main() -> None:
     print(f"ULTRALYTICS_GAIN in use: {ULTRALYTICS_GAIN} (the ratios below are for a gain of 1)")
     for name in opt.pairs.split(","):
         thead_cfg, detect_cfg, shared = PAIRS[name]
-        ratios = {"warm-up (ATSS)": [], "TAL": []}
+        ratios = {"atss": [], "tal": []}
         for seed in range(opt.seeds):
             detect, thead = build(detect_cfg, data["nc"], seed, args), build(thead_cfg, data["nc"], seed, args)
             thead.model[:shared].load_state_dict(detect.model[:shared].state_dict())  # the same trunk weights
             for batch in batches:
                 v8 = trunk_grad_norm(detect, batch, shared)
-                for phase, epoch in (("warm-up (ATSS)", 0), ("TAL", 10**6)):
-                    ratios[phase].append(v8 / trunk_grad_norm(thead, batch, shared, epoch) * ULTRALYTICS_GAIN)
+                for phase, epoch in (("atss", 0), ("tal", 10**6)):
+                    ratios[phase].append(v8 / trunk_grad_norm(thead, batch, shared, epoch) * ULTRALYTICS_GAIN[phase])
         for phase, r in ratios.items():
-            print(f"{name} {phase}: v8 / TOOD trunk gradient norm = {statistics.mean(r):.3f} "
+            print(f"{name} {phase.upper()}: v8 / TOOD trunk gradient norm = {statistics.mean(r):.3f} "
                   f"+- {statistics.stdev(r):.3f} (median {statistics.median(r):.3f}, n={len(r)})")
 
 
