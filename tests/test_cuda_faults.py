@@ -1,4 +1,4 @@
-"""Faults that only show on CUDA, reproduced on the CPU: DDP collectives in the validation loss and fp16 aligned scores."""
+"""Faults that only show on CUDA, reproduced on the CPU: DDP collectives in the validation loss, fp16 aligned scores."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _train_step(head, loss_fn, feats, batch, world: int) -> tuple[torch.Tensor, 
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     """Train (warm-up epoch), validate unequal batch counts under inference mode, train (TAL epoch); save results."""
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S)
+        "gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S)
     )
     try:
         model = _model()
@@ -77,7 +77,8 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         results = {"train0": _train_step(ddp, loss_fn, feats, batch, WORLD)}
         model.eval()
         with torch.inference_mode():  # Ultralytics' validator (smart_inference_mode)
-            val = sum(_val_loss(model, loss_fn, k) for k in range(sum(VAL_BATCHES[:rank]), sum(VAL_BATCHES[: rank + 1])))
+            first = sum(VAL_BATCHES[:rank])  # rank r validates batches first, ..., first + VAL_BATCHES[r] - 1
+            val = sum(_val_loss(model, loss_fn, k) for k in range(first, first + VAL_BATCHES[rank]))
             dist.all_reduce(val)  # the validator's reduction of the loss items over ranks
         results["val"] = val
         model.train()
@@ -127,3 +128,47 @@ def test_ddp_validation_with_unequal_batches_finishes_and_training_matches_one_p
         for r in ranks:
             for n, g in grads.items():
                 torch.testing.assert_close(r[key][2][n], g, rtol=1e-4, atol=1e-7, msg=f"{key} gradient of {n}")
+
+
+# Tolerances (loss rtol, relative L2 error of all head gradients): autocast rounds every conv to fp16 (~1e-3) or bf16
+# (~4e-3, 8 bits), and the gradient through the head's GroupNorms is noisier; measured on this set-up: loss 6e-4 (fp16)
+# and 4e-3 (bf16), gradients 3.5-6 % for both. Before the fix (score formed in fp16 / bf16): NaN gradients under fp16,
+# and under bf16 a loss 5x the fp32 one.
+AMP_TOLERANCE = {torch.float16: (2e-3, 0.1), torch.bfloat16: (1e-2, 0.1)}
+
+
+def _amp_step(
+    model, loss_fn, feats, batch, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Loss, all head gradients (flattened) and the aligned scores' dtype of a step under CPU autocast (None: fp32)."""
+    head = model.model[-1]
+    head.zero_grad()
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        preds = head(feats)
+        total = loss_fn(preds, batch)[0]
+    total.backward()
+    return total.detach(), torch.cat([p.grad.flatten() for p in head.parameters()]), preds["scores"].dtype
+
+
+@pytest.mark.parametrize("epoch", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amp_loss_and_gradients_are_finite_and_match_fp32_with_extreme_logits(dtype, epoch):
+    model = _model()
+    head = model.model[-1]
+    with torch.no_grad():  # class logits spread over about +-20, alignment logits M about 12: fp16 sigmoids hit 1.0
+        head.tood_cls.weight.normal_(0, 0.55)
+        head.tood_cls.bias.zero_()
+        head.cls_prob_module[-1].weight.normal_(0, 0.5)
+        head.cls_prob_module[-1].bias.fill_(12.0)
+    feats, batch = _feats(2, 1), _images_batch([0, 1])
+    logits = head.forward_level(feats[0], 0, torch.zeros(64, 2))["cls"]
+    assert logits.min() < -15 and logits.max() > 15
+    loss_fn = TOODLoss(model)
+    loss_fn.epoch = epoch
+    loss32, grad32, _ = _amp_step(model, loss_fn, feats, batch, None)
+    loss, grad, score_dtype = _amp_step(model, loss_fn, feats, batch, dtype)
+    assert torch.isfinite(grad).all()
+    rtol, grad_rtol = AMP_TOLERANCE[dtype]
+    torch.testing.assert_close(loss, loss32, rtol=rtol, atol=0)
+    assert (grad - grad32).norm() / grad32.norm() < grad_rtol
+    assert score_dtype == torch.float32  # formed in fp32 from the autocast logits
