@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,50 @@ def test_amp_loss_and_gradients_are_finite_and_match_fp32_with_extreme_logits(dt
     torch.testing.assert_close(loss, loss32, rtol=rtol, atol=0)
     assert (grad - grad32).norm() / grad32.norm() < grad_rtol
     assert score_dtype == torch.float32  # formed in fp32 from the autocast logits
+
+
+class _BrokenFp16(torch.nn.Module):
+    """A "model" whose autocast forward overflows, as on GPUs with a faulty fp16 path."""
+
+    stride = torch.tensor([8.0])
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = x.mean((1, 2, 3)) * self.w
+        return {"scores": y * float("inf") if torch.is_autocast_enabled("cpu") else y}
+
+
+def test_tood_amp_check_uses_the_model_itself_and_downloads_nothing(monkeypatch):
+    from ultralytics.engine import trainer as trainer_module
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import checks
+
+    from tood_yolo import amp
+    from tood_yolo.trainer import TOODTrainer
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the AMP check tried to download or load another model")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr("ultralytics.YOLO", no_network)
+    monkeypatch.setattr("ultralytics.utils.downloads.attempt_download_asset", no_network)
+    monkeypatch.setattr(amp, "NO_AMP_DEVICES", set())  # run the CUDA path on the CPU (fp16 CPU autocast)
+
+    # TOODTrainer's set-up runs Ultralytics' with TOOD's check in place of Ultralytics' own, and puts it back
+    seen = []
+    monkeypatch.setattr(DetectionTrainer, "_setup_train", lambda self: seen.append(trainer_module.check_amp))
+    TOODTrainer.__new__(TOODTrainer)._setup_train()
+    assert seen == [amp.check_amp] and trainer_module.check_amp is checks.check_amp
+
+    torch.manual_seed(0)
+    model = DetectionModel(Path(__file__).parents[1] / "cfg/tood-n.yaml", verbose=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert amp.amp_difference(model, imgsz=64) < amp.AMP_RTOL / 2  # measured 3e-3 (fp16; 2e-3 at 128 and 256 px)
+    with amp.own_amp_check():
+        assert trainer_module.check_amp(model, imgsz=64)
+        assert not trainer_module.check_amp(_BrokenFp16())
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # untouched
