@@ -50,7 +50,12 @@ def sigmoid_geometric_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Aligned score sqrt(sigmoid(x) * sigmoid(y)); x (B, C, H, W) class logits, y (B, 1, H, W) M logits.
 
     The custom autograd function is used only when a gradient is needed: tracing and ONNX export see plain ops.
+    Under autocast the score is formed in fp32 (the logits are cast; sigmoid, mul and sqrt then stay fp32): fp16
+    rounds sigmoid to exactly 1.0 from logit ~8.4 (bf16 from ~6), where the loss's gradient in probability space is
+    unbounded and overflows fp16 on the way back, and the backward's 1 - sigmoid is 0: NaN. fp32 runs are unchanged.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        x, y = x.float(), y.float()
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return SigmoidGeometricMean.apply(x, y)
     return (x.sigmoid() * y.sigmoid()).sqrt()

@@ -76,9 +76,9 @@ def centerness_target(points: torch.Tensor, gt_bboxes: torch.Tensor) -> torch.Te
     return ((lr.min(1)[0] / lr.max(1)[0]) * (tb.min(1)[0] / tb.max(1)[0])).sqrt()
 
 
-def reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over DDP processes (itself when not distributed), as mmdet's avg_factor."""
-    if dist.is_available() and dist.is_initialized():
+def reduce_mean(x: torch.Tensor, sync: bool = True) -> torch.Tensor:
+    """Mean of `x` over DDP processes as mmdet's avg_factor; `x` itself when not distributed or `sync` is False."""
+    if sync and dist.is_available() and dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x.div_(dist.get_world_size()))
     return x
@@ -89,7 +89,7 @@ class TOODLoss:
 
     Epochs < `initial_epoch`: ATSS targets, focal loss on hard labels / number of positives and centreness-weighted
     GIoU / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft label and t_hat-weighted
-    GIoU, both / max(sum of t_hat, 1). Averaging factors are all-reduced under DDP. The recipe (`tood_yolo.recipe`)
+    GIoU, both / max(sum of t_hat, 1). DDP training steps all-reduce the factors. The recipe (`tood_yolo.recipe`)
     decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=` gains, calibrated, under
     ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up come from the trainer's
     arguments, which Ultralytics attaches to the model as `model.args`, else from the model YAML. Set `epoch` (a plain
@@ -194,8 +194,13 @@ class TOODLoss:
             cls_factor = a.quality.sum()
         strides_pos = strides.expand(b, -1, -1)[a.fg_mask]
         box = (giou_loss(boxes[a.fg_mask], a.bboxes[a.fg_mask].float() / strides_pos) * box_weight).sum()
-        cls_factor = reduce_mean(cls_factor).clamp(min=1)
-        box_factor = reduce_mean(box_weight.sum()).clamp(min=1)
+        # All-reduce only in a training step: a loss that will be back-propagated, whose backward DDP all-reduces on
+        # every rank, so every rank reaches it equally often. The validator's loss runs under inference mode, where
+        # ranks can see unequal batch counts: a collective there meets another one (or none) and waits until the
+        # process-group timeout. Checking the scores too keeps out a loss of detached predictions with grad enabled.
+        sync = torch.is_grad_enabled() and scores.requires_grad
+        cls_factor = reduce_mean(cls_factor, sync).clamp(min=1)
+        box_factor = reduce_mean(box_weight.sum(), sync).clamp(min=1)
         cls_weight, bbox_weight = self.scale.weights(self.warmup, *self.gains)
         return cls / cls_factor * cls_weight, box / box_factor * bbox_weight
 

@@ -10,6 +10,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
+from .amp import own_amp_check
 from .coco import TOODDetectionValidator
 from .loss import TOODLoss
 from .recipe import RECIPES, LossScale, check_recipe, initial_epoch_of, model_yaml_of, recipe_of
@@ -79,6 +80,11 @@ class TOODTrainer(DetectionTrainer):
         for event, callback in (("on_train_epoch_start", set_loss_epoch), ("on_train_start", log_warmup)):
             if callback not in self.callbacks[event]:  # DDP workers get the callbacks pickled
                 self.add_callback(event, callback)
+
+    def _setup_train(self) -> None:
+        """Ultralytics' set-up with TOOD's AMP check on the model itself (`tood_yolo.amp`): no yolo26n.pt download."""
+        with own_amp_check():
+            super()._setup_train()
 
     def _build_train_pipeline(self) -> None:
         """Ultralytics' loaders and optimiser with the recipe's nominal batch (`LossScale`) for the batch it runs.
