@@ -161,7 +161,7 @@ def run_one(dataset: str, data: Path, name: str, seed: int, args: dict, project:
     tr = model.trainer
     if type(tr).__name__ != trainer:
         raise RuntimeError(f"{run} trained with {type(tr).__name__}, expected {trainer}")
-    recipe = {"optimizer": type(tr.optimizer).__name__, "lr": tr.optimizer.defaults["lr"], "nbs": tr.args.nbs,
+    recipe = {"optimizer": tr.args.optimizer, "lr0": tr.args.lr0, "nbs": tr.args.nbs,
               "accumulate": tr.accumulate, "mosaic": tr.args.mosaic, "close_mosaic": tr.args.close_mosaic}
     criterion = tr.model.criterion
     split = args["split"] or DATASETS[dataset][1]
