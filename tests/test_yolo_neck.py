@@ -11,6 +11,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from tood_yolo.head import TOODHead
 
+ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / "data" / "thead_fpn_reference.npz"
 FPN_CASES = {  # the heads of tests/data/make_thead_fpn_reference.py
     "free": dict(nc=3, feat_channels=32, stacked_convs=2, num_dcn=0, anchor_type="anchor_free", anchor_offset=0.0,
@@ -115,3 +116,70 @@ def test_a_level_of_one_pixel_trains_and_aligns_exactly():
     grads = [p.grad for p in head.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert head.proj[2].conv.weight.grad.abs().sum() > 0  # the 1x1 level's projection learns
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# cfg/yolov8{n,s}-tood.yaml, cfg/yolo11{n,s}-tood.yaml: Ultralytics' own models with the T-head as their head
+# --------------------------------------------------------------------------------------------------------------------
+TWINS = {"yolov8n-tood": ("v8/yolov8.yaml", "n"), "yolov8s-tood": ("v8/yolov8.yaml", "s"),
+         "yolo11n-tood": ("11/yolo11.yaml", "n"), "yolo11s-tood": ("11/yolo11.yaml", "s")}
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_twin_config_is_ultralytics_model_with_only_the_head_swapped(name):
+    """Every row but the head, and the scale, as Ultralytics' own YAML (read from the installed package); built, every
+    layer but the head has Ultralytics' module, inputs and weight shapes."""
+    import ultralytics
+    from ultralytics.nn.tasks import parse_model, yaml_model_load
+
+    src, scale = TWINS[name]
+    theirs = yaml_model_load(Path(ultralytics.__file__).parent / "cfg" / "models" / src)
+    ours = yaml_model_load(ROOT / "cfg" / f"{name}.yaml")
+    assert ours["backbone"] == theirs["backbone"] and ours["head"][:-1] == theirs["head"][:-1]
+    assert ours["scales"] == {scale: theirs["scales"][scale]} and ours["nc"] == theirs["nc"]
+    (f, n, module, args), detect = ours["head"][-1], theirs["head"][-1]
+    assert (f, n, module, detect[2]) == (detect[0], 1, "TOODHead", "Detect")
+    assert ours["recipe"] == "ultralytics"
+
+    model = DetectionModel(ours, verbose=False)
+    twin, _ = parse_model({**theirs, "scale": scale}, ch=3, verbose=False)  # Ultralytics' layers (no stride pass)
+    assert isinstance(model.model[-1], TOODHead) and model.model[-1].f == twin[-1].f
+    assert model.stride.tolist() == [8, 16, 32]
+    for a, b in zip(model.model[:-1], twin[:-1], strict=True):
+        assert (type(a), a.f) == (type(b), b.f)
+        assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+    head = model.model[-1]
+    assert [p.conv.in_channels for p in head.proj] == [m[0].conv.in_channels for m in twin[-1].cv2]
+    assert head.feat_channels // head.proj[0].gn.num_groups == 8  # the paper's channels per group
+
+
+def test_yolo11n_tood_trains_validates_and_exports_at_320(tmp_path):
+    """imgsz=320 is used as is (largest stride 32) in training and validation; the dynamic ONNX export gives PyTorch's
+    outputs at other batch sizes and image sizes."""
+    import onnxruntime as ort
+    from ultralytics import YOLO
+
+    from tood_yolo.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "syn", n_train=8, n_val=4, imgsz=320)
+    model = YOLO(str(ROOT / "cfg" / "yolo11n-tood.yaml"))
+    model.train(data=str(data), imgsz=320, epochs=1, batch=8, device="cpu", workers=0, plots=False, amp=False,
+                project=str(tmp_path), name="run", exist_ok=True)
+    trainer = model.trainer
+    assert type(trainer).__name__ == "TOODTrainer" and trainer.args.imgsz == 320
+    assert trainer.train_loader.dataset.imgsz == 320
+    val_set = trainer.validator.dataloader.dataset  # rect batches: padded to a multiple of the largest stride
+    # Ultralytics' rect validation shape, as for yolo11n: ceil(320 / 32 + 0.5) * 32 (a stride-128 model got 384)
+    assert val_set.imgsz == 320 and val_set.rect and int(trainer.stride) == 32 and (val_set.batch_shapes == 352).all()
+    assert "metrics/mAP50-95(B)" in trainer.metrics
+
+    best = YOLO(str(tmp_path / "run" / "weights" / "best.pt"))
+    f = best.export(format="onnx", dynamic=True, imgsz=320, simplify=False)  # onnxslim: test_zoo.py
+    session = ort.InferenceSession(f, providers=["CPUExecutionProvider"])
+    net = best.model.float().eval()
+    for shape in ((1, 3, 320, 320), (2, 3, 256, 416)):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        (y_onnx,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            y = net(x)[0].numpy()
+        np.testing.assert_allclose(y_onnx, y, rtol=1e-4, atol=1e-4)
