@@ -57,7 +57,8 @@ def test_unequal_widths_are_projected_then_run_through_the_shared_head():
     widths, c = (16, 48, 24), 32
     head = TOODHead(nc=3, feat_channels=c, stacked_convs=2, norm_groups=4, ch=widths)
     assert [p.conv.kernel_size for p in head.proj] == [(1, 1)] * 3
-    assert [(p.conv.in_channels, p.conv.out_channels, p.gn.num_groups) for p in head.proj] == [(w, c, 4) for w in widths]
+    proj = [(p.conv.in_channels, p.conv.out_channels, p.gn.num_groups) for p in head.proj]
+    assert proj == [(w, c, 4) for w in widths]
     assert head.inter_convs[0].conv.in_channels == c
     _randomise(head)
     # the same head minus the projections, on equal-width inputs: must see exactly the projected maps
@@ -73,6 +74,20 @@ def test_unequal_widths_are_projected_then_run_through_the_shared_head():
     torch.testing.assert_close(y, y_shared)
     assert y.shape == (2, 4 + 3, 8 * 9 + 4 * 5 + 2 * 3)
     assert raw["feats"] is x  # the loss reads the input maps' shapes
+
+
+def test_fused_reads_of_the_inter_features_equal_the_separate_ops():
+    """`read_feat` (one bmm for both decompositions, one conv for M's and O's first layers) against the modules."""
+    head = TOODHead(nc=3, feat_channels=32, stacked_convs=3, norm_groups=4, ch=(32,))
+    _randomise(head)
+    feat = torch.randn(2, 96, 7, 5)
+    attn = [d.attention(feat.mean((2, 3), keepdim=True)) for d in (head.cls_decomp, head.reg_decomp)]
+    with torch.no_grad():
+        got = head.read_feat(feat, *attn)
+        expected = (head.cls_decomp(feat, attn[0]), head.reg_decomp(feat, attn[1]),
+                    head.cls_prob_module[:2](feat), head.reg_offset_module[:2](feat))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("widths", [(16, 32, 64), (16, 24, 32, 48, 64)])
