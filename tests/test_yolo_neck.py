@@ -53,6 +53,19 @@ def test_fpn_form_outputs_equal_those_before_the_multi_input_form(case):
     torch.testing.assert_close(y, torch.from_numpy(ref[f"{case}/y"]), rtol=1e-5, atol=1e-5)
 
 
+def test_a_head_pickled_before_the_multi_input_form_loads_and_runs(tmp_path):
+    head = TOODHead(**FPN_CASES["free"]).eval()
+    head.stride = torch.tensor([8.0 * 2**i for i in range(head.nl)])
+    x = [torch.randn(2, 8, s, s) for s in (8, 4, 2, 1, 1)]
+    with torch.no_grad():
+        expected = head(x)[0]
+    del head._modules["proj"]  # what an older checkpoint's pickled head holds
+    torch.save(head, tmp_path / "old.pt")
+    loaded = torch.load(tmp_path / "old.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], expected)
+
+
 def test_unequal_widths_are_projected_then_run_through_the_shared_head():
     widths, c = (16, 48, 24), 32
     head = TOODHead(nc=3, feat_channels=c, stacked_convs=2, norm_groups=4, ch=widths)

@@ -315,6 +315,11 @@ class TOODHead(Detect):
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(self.nl))
         self.init_weights()
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle; checkpoints saved before the multi-input form have no `proj` (their levels had one width)."""
+        super().__setstate__(state)
+        self._modules.setdefault("proj", nn.ModuleList())
+
     @property
     def one2many(self) -> dict:
         """The T-head has no separate box/cls branches to hand to `forward_head`."""
