@@ -1,18 +1,22 @@
-"""Latency of TOOD models against Ultralytics' YOLOv8 at the same input: PyTorch eager, ONNX Runtime, OpenVINO.
+"""Latency of TOOD models against their Ultralytics twins at the same input: PyTorch eager, ONNX Runtime, OpenVINO.
 
-    python benchmarks/latency.py            # tood-n, tood-s, tood-r50 at 320/640 (+800 for R-50); ~10 min on 2 cores
+    python benchmarks/latency.py            # every model of PLAN at 320/640 (+800 for R-50); ~15 min on 2 cores
     python benchmarks/latency.py --quick    # smoke run: tood-n and yolov8n at 320, 3 runs (~30 s)
+    python benchmarks/latency.py --models yolo11n-tood yolov8n-tood --sizes 640 --runs 15   # these and their twins
     python benchmarks/latency.py --threads 0 --runs 30 --out latency.md
 
 Batch 1, random weights (untrained builds: latency does not depend on training), ms per image = the median of
 `--runs` timed runs after `--warmup` runs. Every model is measured side by side in one process: at each input size
-all models and runtimes are timed in interleaved rounds (one call of each per round), so the ratios to
-yolov8n/yolov8s are taken under the same machine load even when that load changes. "T-head %" is the head alone
-(timed on the FPN outputs the model produced) over the whole model, PyTorch eager. Both are the network only: no letterbox, no NMS.
+all models and runtimes are timed in interleaved rounds (one call of each per round), so each model's ratio to its
+twin (the Ultralytics model of PLAN: yolov8n for tood-n, yolo11n for yolo11n-tood, ...) is taken under the same
+machine load even when that load changes. "head %" is the head alone (the T-head, or Ultralytics' Detect; timed on
+the neck outputs the model produced) over the whole model, PyTorch eager. Both are the network only: no letterbox,
+no NMS.
 
 Input sizes: tensors of exactly 320/640/800 are fed to the networks. Ultralytics' predictor would round imgsz to a
 multiple of the largest stride, 128 for TOOD's P3-P7 (320 -> 384, 800 -> 896), but the FPN takes any multiple of 32
-and the exported ONNX/OpenVINO models have dynamic height and width.
+and the exported ONNX/OpenVINO models have dynamic height and width. The YOLO twins with the T-head (cfg/yolo*-tood)
+have Ultralytics' largest stride, 32.
 
 Threads: one intra-op thread by default (`--threads 1`): on a shared machine it is the reproducible setting (two
 threads competing with other jobs on 2 cores ran 10-50x slower here); `--threads 0` uses every core. With a CUDA GPU
@@ -45,7 +49,9 @@ sys.path.insert(0, str(ROOT))  # a source checkout without an installed package
 import tood_yolo  # noqa: E402,F401  (registers TOOD with Ultralytics)
 from ultralytics import YOLO  # noqa: E402
 
-TOOD = [("tood-n", "yolov8n", (320, 640)), ("tood-s", "yolov8s", (320, 640)), ("tood-r50", "yolov8s", (320, 640, 800))]
+# (model, its Ultralytics twin, input sizes): the twin is timed at the same sizes, interleaved with the model
+PLAN = [("tood-n", "yolov8n", (320, 640)), ("tood-s", "yolov8s", (320, 640)), ("tood-r50", "yolov8s", (320, 640, 800))]
+PLAN += [(f"{v}{s}-tood", f"{v}{s}", (320, 640)) for s in "ns" for v in ("yolov8", "yolo11")]
 
 
 def cpu_name() -> str:
@@ -164,6 +170,8 @@ def callables(model: YOLO, onnx: str | None, size: int, args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: tood-n and yolov8n at 320, 3 runs")
+    p.add_argument("--models", nargs="+", choices=[m for m, _, _ in PLAN], help="only these models (and their twins)")
+    p.add_argument("--sizes", type=int, nargs="+", help="only these of the models' input sizes")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for every runtime; 0 = all cores")
     p.add_argument("--runs", type=int, default=7, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
@@ -177,7 +185,10 @@ def main(argv=None) -> None:
     args.threads = args.threads or os.cpu_count()
     torch.set_num_threads(args.threads)
 
-    plan = [("tood-n", "yolov8n", (320,))] if args.quick else TOOD
+    plan = [("tood-n", "yolov8n", (320,))] if args.quick else [r for r in PLAN if r[0] in (args.models or [r[0]])]
+    if args.sizes:
+        plan = [(m, b, tuple(s for s in sizes if s in args.sizes)) for m, b, sizes in plan]
+        plan = [r for r in plan if r[2]]
     for name, _, _ in plan:
         if not (ROOT / "cfg" / f"{name}.yaml").exists():
             print(f"note: cfg/{name}.yaml is absent: {name} is skipped")
@@ -185,9 +196,6 @@ def main(argv=None) -> None:
     baselines: dict[str, set[int]] = {}
     for _, base, sizes in plan:
         baselines.setdefault(base, set()).update(sizes)
-    if not args.quick:  # both baselines at every size measured
-        every = set().union(*baselines.values())
-        baselines = {b: every for b in ("yolov8n", "yolov8s")}
 
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -239,8 +247,7 @@ def main(argv=None) -> None:
         "",
     ]
     cols = ["model", "input", "PyTorch ms", "ORT ms"] + (["OpenVINO ms"] if have_ov else [])
-    cols += (["CUDA fp32 ms", "CUDA fp16 ms"] if have_cuda else []) + ["T-head %", "x yolov8n (pt / ort)",
-                                                                       "x yolov8s (pt / ort)"]
+    cols += (["CUDA fp32 ms", "CUDA fp16 ms"] if have_cuda else []) + ["head %", "twin", "x twin (pt / ort)"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def fmt(v):
@@ -249,14 +256,15 @@ def main(argv=None) -> None:
     def ratio(a, b, key):
         return f"{a[key] / b[key]:.2f}" if key in a and b and key in b else "-"
 
+    twin = {n: b for n, b, _ in plan}
     for name in [*baselines, *(n for n, _, _ in plan)]:
         for s, r in results[name].items():
             cells = [name, str(s), fmt(r.get("pt")), fmt(r.get("ort"))] + ([fmt(r.get("ov"))] if have_ov else [])
             cells += [fmt(r.get("cuda32")), fmt(r.get("cuda16"))] if have_cuda else []
             cells.append(f"{100 * r['head'] / r['pt']:.0f}")
-            for base in ("yolov8n", "yolov8s"):
-                b = results.get(base, {}).get(s)
-                cells.append(f"{ratio(r, b, 'pt')} / {ratio(r, b, 'ort')}" if b else "-")
+            base = twin.get(name)
+            b = results.get(base, {}).get(s)
+            cells += [base or "-", f"{ratio(r, b, 'pt')} / {ratio(r, b, 'ort')}" if b else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print("\n" + text)

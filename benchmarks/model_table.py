@@ -108,7 +108,8 @@ def markdown(rows: list[dict]) -> str:
 
 def _order(path: Path) -> tuple:
     ladder = ["tood-n", "ablation-detect-n", "tood-s", "tood-m", "tood-r50", "tood-r50-anchor", "tood-r101"]
-    ladder += ["tood-r101-dcn", "tood-x101", "tood-x101-dcn"]
+    ladder += ["tood-r101-dcn", "tood-x101", "tood-x101-dcn", "yolov8n-tood", "yolo11n-tood", "yolov8s-tood"]
+    ladder += ["yolo11s-tood"]
     return (ladder.index(path.stem) if path.stem in ladder else len(ladder), path.stem)
 
 

@@ -180,7 +180,9 @@ def _decomp_inputs(head, x):
         ({"anchor_type": "anchor_box"}, "anchor_type"),
         ({"num_dcn": 7}, "num_dcn"),
         ({"feat_channels": 48}, "multiple of 32"),
-        ({"ch": (256, 128)}, "equal input channels"),
+        ({"stacked_convs": 0}, "stacked_convs=0 must be >= 1"),
+        ({"feat_channels": 64, "norm_groups": 24}, "multiple of 24"),
+        ({"ch": 256}, "list of input maps"),
     ],
 )
 def test_bad_head_arguments_are_clear_errors(kwargs, match):
