@@ -11,9 +11,8 @@ after `ultralytics.nn.tasks` is first imported. `import tood_yolo` calls it too.
 3. exposes the modules in `ultralytics.nn.tasks`, where `parse_model` resolves YAML names;
 4. routes TOOD models to TOOD's loss (`DetectionModel.init_criterion`) and trainer (`YOLO.task_map`); a model YAML's
    `loss: tood` / `loss: v8` swaps the losses of `Detect` and `TOODHead` (the ablation's 2x2);
-5. adds TOOD's training arguments (`TOOD_ARGS`) to Ultralytics' default configuration, so that `yolo train recipe=...`
-   passes Ultralytics' argument check and the values travel with the run's arguments (args.yaml, checkpoints, resume,
-   DDP workers);
+5. adds TOOD's training arguments (`tood_yolo_hook.TOOD_ARGS`: recipe, initial_epoch) to Ultralytics' default
+   configuration (the start-up hook does it earlier, for the `yolo` command's argument check);
 6. gives an offline Ultralytics (YOLO_OFFLINE=1) a font, since `check_font` would otherwise try the network.
 
 Checkpoints pickle the modules by their path in this package, so a TOOD `.pt` loads wherever it is installed.
@@ -31,14 +30,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tood_yolo_hook import add_args  # the start-up hook, a top-level module installed beside the package
 
 from .backbone import ResNet
 from .head import TOODHead
 from .neck import FPN
 
 TOOD_MODULES: dict[str, type[nn.Module]] = {"ResNet": ResNet, "FPN": FPN, "TOODHead": TOODHead}
-# Arguments TOOD adds to Ultralytics' (None: decided by the model YAML and the recipe, tood_yolo/recipe.py)
-TOOD_ARGS = {"recipe": None, "initial_epoch": None}
 PROBE_SIZE = 64  # side of the dummy input that measures channels; any multiple of the largest backbone stride
 _done: set[str] = set()  # parts of the registration already applied
 
@@ -217,11 +215,9 @@ def register() -> None:
         _done.add("tasks")
         from ultralytics.engine import model as engine_model
 
-        from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT
+        from ultralytics import utils
 
-        for k, v in TOOD_ARGS.items():
-            DEFAULT_CFG_DICT.setdefault(k, v)
-            setattr(DEFAULT_CFG, k, getattr(DEFAULT_CFG, k, v))
+        add_args(utils)  # also when Ultralytics was imported before the start-up hook was installed
         _ULTRALYTICS_PARSE_MODEL, _ULTRALYTICS_GUESS_MODEL_TASK = tasks.parse_model, tasks.guess_model_task
         _ULTRALYTICS_INIT_CRITERION = tasks.DetectionModel.init_criterion
         vars(tasks).update(TOOD_MODULES)
