@@ -5,18 +5,40 @@ only adds a `sys.meta_path` finder, standard library alone (well under a millise
 `ultralytics.nn.tasks` or `ultralytics.models` (the `yolo` command, `ultralytics.YOLO`, a checkpoint load), the finder
 lets that module load as usual and then calls `tood_yolo.register.register()`, which makes TOOD's model YAMLs,
 checkpoints and trainer known to Ultralytics. `import tood_yolo` registers too.
+
+It also wraps the `yolo` command's entry point (`ultralytics.cfg.entrypoint`) so that `yolo train resume=path/last.pt`
+resumes that checkpoint: Ultralytics would build its default model (yolo26n.pt, a download) before it reads `resume`.
 """
 
 from __future__ import annotations
 
 import sys
 
-# The model parser lives in the first, the YOLO class (trainer selection) in the second, which finishes loading last
-TARGETS = {"ultralytics.nn.tasks", "ultralytics.models"}
+# The model parser lives in the first, the YOLO class (trainer selection) in the second, which finishes loading last;
+# the third holds the `yolo` command's entry point
+TARGETS = {"ultralytics.nn.tasks", "ultralytics.models", "ultralytics.cfg"}
+
+
+def resume_as_model(argv: list[str]) -> None:
+    """`yolo train resume=<file>` without `model=`: add `model=<file>` to `argv` (in place: Ultralytics' ARGV is the
+    same list), as Ultralytics' own `yolo train resume model=<file>` spells it."""
+    resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), "")
+    if resume.lower() not in {"", "true", "false"} and not any(a.startswith("model=") for a in argv):
+        argv.append(f"model={resume}")
+
+
+def _wrap_entrypoint(entrypoint):
+    def tood_entrypoint(debug: str = ""):
+        if not debug:
+            resume_as_model(sys.argv)
+        return entrypoint(debug)
+
+    tood_entrypoint.__doc__ = entrypoint.__doc__
+    return tood_entrypoint
 
 
 class _RegisterAfterLoad:
-    """Run the real loader of `ultralytics.nn.tasks`, then register TOOD with it.
+    """Run the real loader of a target module, then register TOOD with it (or wrap the `yolo` entry point).
 
     Duck-typed rather than an `importlib.abc.Loader`: importing importlib.abc alone costs ~15 ms at every start-up.
     """
@@ -29,6 +51,9 @@ class _RegisterAfterLoad:
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
+        if module.__name__ == "ultralytics.cfg":
+            module.entrypoint = _wrap_entrypoint(module.entrypoint)
+            return
         package = sys.modules.get("tood_yolo")
         if package is not None and not hasattr(package, "register"):
             return  # tood_yolo is being imported (it imports Ultralytics first) and registers at its end

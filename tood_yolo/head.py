@@ -266,6 +266,8 @@ class TOODHead(Detect):
         nn.Module.__init__(self)  # Detect's own convs are not built: the T-head replaces them
         if anchor_type not in {"anchor_free", "anchor_based"}:
             raise ValueError(f"TOODHead anchor_type must be 'anchor_free' or 'anchor_based', got {anchor_type!r}")
+        if stacked_convs < 1:
+            raise ValueError(f"TOODHead stacked_convs={stacked_convs} must be >= 1 (the layer attention weights them)")
         if not 0 <= num_dcn <= stacked_convs:
             raise ValueError(f"TOODHead num_dcn={num_dcn} must lie in [0, stacked_convs={stacked_convs}]")
         if feat_channels % 32:
