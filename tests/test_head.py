@@ -181,6 +181,7 @@ def _decomp_inputs(head, x):
         ({"num_dcn": 7}, "num_dcn"),
         ({"feat_channels": 48}, "multiple of 32"),
         ({"ch": (256, 128)}, "equal input channels"),
+        ({"stacked_convs": 0}, "stacked_convs=0 must be >= 1"),  # else a ZeroDivisionError in the layer attention
     ],
 )
 def test_bad_head_arguments_are_clear_errors(kwargs, match):
