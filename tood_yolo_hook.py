@@ -6,8 +6,9 @@ only adds a `sys.meta_path` finder, standard library alone (well under a millise
 lets that module load as usual and then calls `tood_yolo.register.register()`, which makes TOOD's model YAMLs,
 checkpoints and trainer known to Ultralytics. `import tood_yolo` registers too.
 
-It also wraps the `yolo` command's entry point (`ultralytics.cfg.entrypoint`) so that `yolo train resume=path/last.pt`
-resumes that checkpoint: Ultralytics would build its default model (yolo26n.pt, a download) before it reads `resume`.
+It also wraps the `yolo` command's entry point (`ultralytics.cfg.entrypoint`): TOOD is registered before the command
+checks its arguments (TOOD's own, such as `recipe=`, are then known), and `yolo train resume=path/last.pt` resumes
+that checkpoint (Ultralytics would build its default model, yolo26n.pt, a download, before it reads `resume`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def resume_as_model(argv: list[str]) -> None:
 
 def _wrap_entrypoint(entrypoint):
     def tood_entrypoint(debug: str = ""):
+        import tood_yolo  # noqa: F401  (registers TOOD before the command's arguments, e.g. recipe=, are checked)
+
         if not debug:
             resume_as_model(sys.argv)
         return entrypoint(debug)
