@@ -69,7 +69,7 @@ def _quiet(fn, *args, **kwargs):
     return out, buf.getvalue()
 
 
-def _load_gt(annotations: str | Path | dict):
+def load_gt(annotations: str | Path | dict):
     """A pycocotools COCO object from an annotation file or an in-memory COCO dict (copied)."""
     from pycocotools.coco import COCO
 
@@ -108,7 +108,7 @@ def coco_eval(
     """
     from pycocotools.cocoeval import COCOeval
 
-    gt = annotations if hasattr(annotations, "loadRes") else _load_gt(annotations)
+    gt = annotations if hasattr(annotations, "loadRes") else load_gt(annotations)
     dets = read_json(predictions) if isinstance(predictions, (str, Path)) else predictions
     if not dets:
         if print_fn:
@@ -191,7 +191,7 @@ class TOODDetectionValidator(DetectionValidator):
                     assert Path(x).is_file(), f"{x} file not found"
             iou_types = [iou_types] if isinstance(iou_types, str) else iou_types
             suffix = [suffix] if isinstance(suffix, str) else suffix
-            gt = getattr(self, "_pycoco_api", None) or _load_gt(anno_json)
+            gt = getattr(self, "_pycoco_api", None) or load_gt(anno_json)
             self._pycoco_api = gt
             img_ids = gt.getImgIds() if self.gdict else [int(Path(x).stem) for x in self.dataloader.dataset.im_files]
             for iou_type, sfx in zip(iou_types, suffix):
