@@ -159,6 +159,18 @@ def test_unreadable_images_and_bad_label_rows_are_named(coco8, tmp_path):
     assert "pi_heif" not in msg and "inhomogeneous" not in msg
 
 
+def test_label_rows_that_ultralytics_reads_pass_the_row_check(tmp_path):
+    from tood_yolo.inputs import label_row_error
+
+    rows = {"box": "0 0.5 0.5 0.2 0.2", "polygon": "0 0.1 0.1 0.9 0.1 0.5 0.9", "pose": "0 " + "0.5 " * 55}
+    for name, row in rows.items():
+        (tmp_path / f"{name}.txt").write_text(f"{row}\n\n{row}\n")
+    assert label_row_error(str(tmp_path / "box.txt"), keypoint=False) is None
+    assert label_row_error(str(tmp_path / "polygon.txt"), keypoint=False) is None
+    assert label_row_error(str(tmp_path / "pose.txt"), keypoint=False, kpt_values=17 * 3) is None  # a box task
+    assert "56 values, expected 5 columns" in label_row_error(str(tmp_path / "pose.txt"), keypoint=False)
+
+
 def test_missing_labels_folder(coco8, tmp_path):
     from ultralytics.cfg import get_cfg
     from ultralytics.data.build import build_yolo_dataset

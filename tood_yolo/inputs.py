@@ -26,22 +26,24 @@ _ULTRALYTICS_GET_LABEL_FILES = dataset.YOLODataset.get_label_files
 BOX_COLUMNS = 5  # class x_center y_center width height
 
 
-def label_row_error(lb_file: str, keypoint: bool) -> str | None:
+def label_row_error(lb_file: str, keypoint: bool, kpt_values: int = 0) -> str | None:
     """The first fault of a label file's rows that Ultralytics would report unclearly, or None.
 
-    A row must have 5 values (a box) or an odd number above 6 (class and a polygon, segment labels); keypoint rows are
-    left to Ultralytics, which checks their length against `kpt_shape`. Every value must be a finite number.
+    A row must have 5 values (a box), an odd number above 6 (class and a polygon, segment labels) or, for a dataset
+    with `kpt_shape`, 5 + `kpt_values` (a pose row, whose box a detection task keeps); a pose task's rows are left to
+    Ultralytics, which checks their length against `kpt_shape`. Every value must be a finite number.
     """
     try:
         with open(lb_file, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
-    except OSError:
-        return None  # a missing or unreadable label file: Ultralytics' own handling
+    except (OSError, UnicodeDecodeError):
+        return None  # a missing, unreadable or binary label file: Ultralytics' own handling
     for n, line in enumerate(lines, 1):
         values = line.split()
         if not values:
             continue
-        if not keypoint and len(values) != BOX_COLUMNS and (len(values) < 7 or len(values) % 2 == 0):
+        n_ok = len(values) in {BOX_COLUMNS, BOX_COLUMNS + kpt_values} or len(values) >= 7 and len(values) % 2
+        if not keypoint and not n_ok:
             return f"{lb_file} line {n}: {len(values)} values, expected {BOX_COLUMNS} columns (class x y w h)"
         try:
             bad = next((v for v in values if not math.isfinite(float(v))), None)
@@ -54,8 +56,8 @@ def label_row_error(lb_file: str, keypoint: bool) -> str | None:
 
 def verify_image_label(args: tuple) -> tuple | list:
     """Ultralytics' `verify_image_label` (same arguments and result) that names a bad label row first."""
-    im_file, lb_file, prefix, keypoint = args[:4]
-    error = label_row_error(lb_file, keypoint)
+    im_file, lb_file, prefix, keypoint, _, nkpt, ndim = args[:7]
+    error = label_row_error(lb_file, keypoint, nkpt * ndim)
     if error is None:
         return _ULTRALYTICS_VERIFY(args)
     # Ultralytics' result for a corrupt pair: nothing kept, counted as found (nf) and corrupt (nc)
