@@ -6,8 +6,9 @@ only adds a `sys.meta_path` finder, standard library alone (well under a millise
 lets that module load as usual and then calls `tood_yolo.register.register()`, which makes TOOD's model YAMLs,
 checkpoints and trainer known to Ultralytics. `import tood_yolo` registers too.
 
-TOOD's training arguments (`TOOD_ARGS`) join Ultralytics' default configuration as soon as `ultralytics.utils` has
-loaded: the `yolo` command checks its arguments against that configuration before it imports any model code.
+It also wraps the `yolo` command's entry point (`ultralytics.cfg.entrypoint`): TOOD is registered before the command
+checks its arguments (TOOD's own, such as `recipe=`, are then known), and `yolo train resume=path/last.pt` resumes
+that checkpoint (Ultralytics would build its default model, yolo26n.pt, a download, before it reads `resume`).
 """
 
 from __future__ import annotations
@@ -15,24 +16,32 @@ from __future__ import annotations
 import sys
 
 # The model parser lives in the first, the YOLO class (trainer selection) in the second, which finishes loading last;
-# the default configuration in the third
-TARGETS = {"ultralytics.nn.tasks", "ultralytics.models", "ultralytics.utils"}
-# Arguments TOOD adds to Ultralytics' (None: decided by the model YAML and the recipe, tood_yolo/recipe.py), so that
-# `yolo train recipe=... initial_epoch=...` passes Ultralytics' argument check and the values travel with the run's
-# arguments (args.yaml, checkpoints, resume, DDP workers)
-TOOD_ARGS = {"recipe": None, "initial_epoch": None}
+# the third holds the `yolo` command's entry point
+TARGETS = {"ultralytics.nn.tasks", "ultralytics.models", "ultralytics.cfg"}
 
 
-def add_args(utils) -> None:
-    """Add `TOOD_ARGS` to Ultralytics' default configuration (`ultralytics.utils`), keeping any value already set."""
-    for k, v in TOOD_ARGS.items():
-        utils.DEFAULT_CFG_DICT.setdefault(k, v)
-        if not hasattr(utils.DEFAULT_CFG, k):
-            setattr(utils.DEFAULT_CFG, k, v)
+def resume_as_model(argv: list[str]) -> None:
+    """`yolo train resume=<file>` without `model=`: add `model=<file>` to `argv` (in place: Ultralytics' ARGV is the
+    same list), as Ultralytics' own `yolo train resume model=<file>` spells it."""
+    resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), "")
+    if resume.lower() not in {"", "true", "false"} and not any(a.startswith("model=") for a in argv):
+        argv.append(f"model={resume}")
+
+
+def _wrap_entrypoint(entrypoint):
+    def tood_entrypoint(debug: str = ""):
+        import tood_yolo  # noqa: F401  (registers TOOD before the command's arguments, e.g. recipe=, are checked)
+
+        if not debug:
+            resume_as_model(sys.argv)
+        return entrypoint(debug)
+
+    tood_entrypoint.__doc__ = entrypoint.__doc__
+    return tood_entrypoint
 
 
 class _RegisterAfterLoad:
-    """Run the real loader of `ultralytics.nn.tasks`, then register TOOD with it.
+    """Run the real loader of a target module, then register TOOD with it (or wrap the `yolo` entry point).
 
     Duck-typed rather than an `importlib.abc.Loader`: importing importlib.abc alone costs ~15 ms at every start-up.
     """
@@ -45,8 +54,8 @@ class _RegisterAfterLoad:
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
-        if module.__name__ == "ultralytics.utils":
-            add_args(module)  # standard library only: Ultralytics is still importing itself here
+        if module.__name__ == "ultralytics.cfg":
+            module.entrypoint = _wrap_entrypoint(module.entrypoint)
             return
         package = sys.modules.get("tood_yolo")
         if package is not None and not hasattr(package, "register"):

@@ -18,7 +18,7 @@ from ultralytics import YOLO
 from ultralytics.utils import LOGGER
 
 import tood_yolo  # noqa: F401  (registers TOOD when the package runs from a source checkout)
-from tood_yolo.cli import parse_args
+from tood_yolo.cli import parse_args, resume_checkpoint
 from tood_yolo.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent
@@ -53,6 +53,8 @@ def main(argv: list[str]) -> None:
     if "data" not in args:
         data = make_synthetic_dataset(ROOT / "datasets" / "synthetic", n_train=256, n_val=64, imgsz=256)
         args = {**MAIN_JOB, **args, "data": str(data)}
+    if args.get("resume"):  # the run's own checkpoint, not the YAML (Ultralytics would start a new run from that)
+        args["model"] = resume_checkpoint(args)
     model = YOLO(args.pop("model", MAIN_JOB["model"]))
     args.pop("mode", None)
     metrics = model.train(**args)

@@ -1,7 +1,9 @@
-"""Shared test set-up: an offline Ultralytics and copies of ../shared/data in temporary folders."""
+"""Shared test set-up: an offline Ultralytics, a network guard, and copies of ../shared/data in temporary folders."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +16,7 @@ os.environ.setdefault("YOLO_VERBOSE", "false")
 import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NETGUARD = Path(__file__).resolve().parent / "netguard"  # sitecustomize.py: the network guard for subprocesses
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +35,32 @@ def shared_data(tmp_path_factory) -> callable:
         return dst
 
     return copy
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list[str]:
+    """In this process, DNS lookups and connects to anything but localhost raise; returns the attempts made."""
+    spec = importlib.util.spec_from_file_location("tood_netguard", NETGUARD / "sitecustomize.py")
+    netguard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(netguard)
+    attempts = []
+    netguard.install(attempts.append, monkeypatch.setattr)
+    return attempts
+
+
+@pytest.fixture(scope="module")
+def offline_env(tmp_path_factory) -> dict:
+    """Environment for subprocesses (`yolo`, train.py, `python -m tood_yolo...`): offline Ultralytics, verbose, with
+    its own settings (runs, datasets and weights folders in a temp dir, none of them holding anything yet), and the
+    network guard of tests/netguard, which appends every blocked attempt to the file `env["TOOD_NETGUARD_LOG"]`."""
+    from ultralytics.utils import SETTINGS
+
+    tmp = tmp_path_factory.mktemp("offline_env")
+    config = tmp / "config"
+    (config / "Ultralytics").mkdir(parents=True)
+    dirs = {k: str(tmp / k.removesuffix("_dir")) for k in ("datasets_dir", "runs_dir", "weights_dir")}
+    (config / "Ultralytics" / "settings.json").write_text(json.dumps({**SETTINGS, **dirs}))
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "true"}
+    env["YOLO_CONFIG_DIR"], env["TOOD_NETGUARD_LOG"] = str(config), str(tmp / "net.log")
+    env["PYTHONPATH"] = os.pathsep.join([str(NETGUARD), env.get("PYTHONPATH", "")])
+    return env

@@ -180,7 +180,7 @@ def _decomp_inputs(head, x):
         ({"anchor_type": "anchor_box"}, "anchor_type"),
         ({"num_dcn": 7}, "num_dcn"),
         ({"feat_channels": 48}, "multiple of 32"),
-        ({"stacked_convs": 0}, "stacked_convs=0 must be >= 1"),
+        ({"stacked_convs": 0}, "stacked_convs=0 must be >= 1"),  # else a ZeroDivisionError in the layer attention
         ({"feat_channels": 64, "norm_groups": 24}, "multiple of 24"),
         ({"ch": 256}, "list of input maps"),
     ],

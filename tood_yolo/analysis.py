@@ -59,7 +59,7 @@ from ultralytics.utils.metrics import box_iou
 from ultralytics.utils.ops import ltwh2xyxy, scale_boxes, xywh2xyxy
 
 from .cli import parse_tool_args
-from .coco import no_nms_time_limit
+from .coco import no_nms_time_limit, read_json
 
 __all__ = (
     "AlignmentStats",
@@ -475,8 +475,7 @@ def json_alignment(
         (dict[str, Any]): `model` (the predictions path), the `AlignmentStats.summary` keys with None for the pre-NMS
             means, `conf` and a `note`.
     """
-    gt = json.loads(Path(annotations).read_text())
-    dets = json.loads(Path(predictions).read_text())
+    gt, dets = read_json(annotations), read_json(predictions)
     ids = {img["id"] for img in gt["images"]}
     by_file = {Path(img["file_name"]).name: img["id"] for img in gt["images"] if "file_name" in img}
     gts, preds = {i: [] for i in ids}, {i: [] for i in ids}

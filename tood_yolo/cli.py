@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from difflib import get_close_matches
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from ultralytics.cfg import DEFAULT_CFG_DICT, check_dict_alignment, merge_equals_args, parse_key_value_pair
+from ultralytics.cfg import (
+    DEFAULT_CFG_DICT,
+    check_dict_alignment,
+    get_save_dir,
+    merge_equals_args,
+    parse_key_value_pair,
+)
 
 
 def parse_args(argv: list[str], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,3 +52,25 @@ def parse_tool_args(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]
             raise SyntaxError(f"'{pair}' is not a valid key=value argument.{hint} Keys: {', '.join(defaults)}")
         args[k] = v
     return args
+
+
+def resume_checkpoint(args: dict[str, Any]) -> str:
+    """The checkpoint a `resume=` training continues: `resume=<file>`, else a `model=` .pt, else the last.pt of the run
+    that `project=` and `name=` name (where Ultralytics' trainer saves it).
+
+    Raises:
+        FileNotFoundError: that checkpoint does not exist (Ultralytics would look its name up on GitHub).
+    """
+    resume, model = args["resume"], str(args.get("model") or "")
+    if isinstance(resume, str):
+        last = Path(resume)
+    elif model.endswith(".pt"):
+        last = Path(model)
+    else:
+        run = SimpleNamespace(project=args.get("project"), name=args.get("name"), task="detect", mode="train",
+                              exist_ok=True)
+        last = get_save_dir(run) / "weights" / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"resume: no {last.name} in {last.parent}; pass resume=path/to/last.pt, or the "
+                                f"project= and name= of the run to resume")
+    return str(last)

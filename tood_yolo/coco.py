@@ -45,6 +45,22 @@ COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 __all__ = ("TOODDetectionValidator", "coco_eval", "match_predictions", "main")
 
 
+def read_json(path: str | Path) -> Any:
+    """The contents of a JSON file; a missing, truncated or damaged file is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or damaged?): {e}") from e
+
+
+def _short(names: list[str], n: int = 8) -> str:
+    """`names` for a message: all of them, or the first `n` and the count."""
+    return f"{names}" if len(names) <= n else f"{names[:n]}... ({len(names)} names)"
+
+
 def _quiet(fn, *args, **kwargs):
     """Call a pycocotools function with its progress prints captured; returns (result, captured text)."""
     buf = io.StringIO()
@@ -53,7 +69,7 @@ def _quiet(fn, *args, **kwargs):
     return out, buf.getvalue()
 
 
-def _load_gt(annotations: str | Path | dict):
+def load_gt(annotations: str | Path | dict):
     """A pycocotools COCO object from an annotation file or an in-memory COCO dict (copied)."""
     from pycocotools.coco import COCO
 
@@ -61,7 +77,7 @@ def _load_gt(annotations: str | Path | dict):
     if isinstance(annotations, dict):
         gt.dataset = copy.deepcopy(annotations)
     else:
-        gt.dataset = json.loads(Path(annotations).read_text())
+        gt.dataset = read_json(annotations)
     gt.dataset.setdefault("images", [])
     gt.dataset.setdefault("annotations", [])
     gt.dataset.setdefault("categories", [])
@@ -92,8 +108,8 @@ def coco_eval(
     """
     from pycocotools.cocoeval import COCOeval
 
-    gt = annotations if hasattr(annotations, "loadRes") else _load_gt(annotations)
-    dets = json.loads(Path(predictions).read_text()) if isinstance(predictions, (str, Path)) else predictions
+    gt = annotations if hasattr(annotations, "loadRes") else load_gt(annotations)
+    dets = read_json(predictions) if isinstance(predictions, (str, Path)) else predictions
     if not dets:
         if print_fn:
             print_fn("pycocotools: no detections, every COCO statistic is 0")
@@ -135,6 +151,18 @@ class TOODDetectionValidator(DetectionValidator):
     labels for other sets), same stats keys; everything else is Ultralytics' validator unchanged.
     """
 
+    def init_metrics(self, model) -> None:
+        """Ultralytics' metrics set-up, and a warning when the model's class names are not the dataset's: the
+        results would pair the dataset's class ids with the model's names (e.g. COCO persons reported as 'RBC')."""
+        super().init_metrics(model)
+        ours, theirs = list(self.names.values()), list(self.data["names"].values())
+        if not self.training and not self.args.single_cls and ours != theirs:
+            LOGGER.warning(
+                f"the model's class names differ from the dataset's: model {_short(ours)}, dataset {_short(theirs)}. "
+                f"Results pair the dataset's class ids with the model's names; validate on the dataset the model "
+                f"was trained for"
+            )
+
     def postprocess(self, preds):
         """Ultralytics' NMS, without the time limit that truncates results on a busy CPU (see `no_nms_time_limit`)."""
         with no_nms_time_limit():
@@ -163,7 +191,7 @@ class TOODDetectionValidator(DetectionValidator):
                     assert Path(x).is_file(), f"{x} file not found"
             iou_types = [iou_types] if isinstance(iou_types, str) else iou_types
             suffix = [suffix] if isinstance(suffix, str) else suffix
-            gt = getattr(self, "_pycoco_api", None) or _load_gt(anno_json)
+            gt = getattr(self, "_pycoco_api", None) or load_gt(anno_json)
             self._pycoco_api = gt
             img_ids = gt.getImgIds() if self.gdict else [int(Path(x).stem) for x in self.dataloader.dataset.im_files]
             for iou_type, sfx in zip(iou_types, suffix):
@@ -243,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args[k] = v
     if "predictions" not in args or "annotations" not in args:
         raise SyntaxError("give predictions=<predictions.json of yolo val save_json=True> annotations=<COCO json>")
-    gt = json.loads(Path(args["annotations"]).read_text())
-    dets, left = match_predictions(json.loads(Path(args["predictions"]).read_text()), gt, args["classmap"])
+    gt = read_json(args["annotations"])
+    dets, left = match_predictions(read_json(args["predictions"]), gt, args["classmap"])
     for k, n in left.items():
         if n:
             LOGGER.warning(f"{n} detections left out: {k.replace('_', ' ')} in {args['annotations']}")

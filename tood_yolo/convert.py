@@ -64,6 +64,8 @@ from .backbone import ResNet  # importing the package registers TOOD's YAML modu
 from .head import ModulatedDeformConv, TOODHead
 from .neck import FPN
 
+# The repository's model YAMLs (an editable install or a checkout; a wheel carries no cfg/, hence --cfg)
+DEFAULT_CFG = Path(__file__).resolve().parents[1] / "cfg" / "tood-r50.yaml"
 ROLES = ((ResNet, "backbone"), (FPN, "neck"), (TOODHead, "bbox_head"))
 AUTHOR_ALIASES = (  # fcjian/TOOD key pattern -> mmdet's
     (r"^bbox_head\.(cls|reg)_decomp\.la_conv1\.", r"bbox_head.\1_decomp.layer_attention.0."),
@@ -120,7 +122,12 @@ def read_mmdet_checkpoint(checkpoint: str | Path | dict) -> tuple[dict[str, torc
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+            except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # not a pickle, empty, truncated zip
+                raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        except (EOFError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
     else:
         ckpt = checkpoint
     if not isinstance(ckpt, dict):
@@ -238,7 +245,7 @@ def _check_anchor_type(meta: dict, head: TOODHead) -> None:
         )
 
 
-def load_mmdet_checkpoint(checkpoint: str | Path | dict, cfg: str | Path | dict | nn.Module = "cfg/tood-r50.yaml"):
+def load_mmdet_checkpoint(checkpoint: str | Path | dict, cfg: str | Path | dict | nn.Module = DEFAULT_CFG):
     """Build the TOOD model of `cfg` and load an mmdet TOOD checkpoint into it.
 
     Args:
@@ -337,7 +344,7 @@ def ultralytics_checkpoint(
     }
 
 
-def convert(src: str | Path, dst: str | Path, cfg: str | Path = "cfg/tood-r50.yaml", half: bool = False) -> Path:
+def convert(src: str | Path, dst: str | Path, cfg: str | Path = DEFAULT_CFG, half: bool = False) -> Path:
     """Convert mmdet checkpoint `src` into Ultralytics checkpoint `dst` (float32 unless `half`); returns `dst`."""
     model = load_mmdet_checkpoint(src, cfg)
     dst = Path(dst)
@@ -354,9 +361,11 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("src", help="mmdet checkpoint (.pth), e.g. tood_r50_fpn_1x_coco_20211210_103425-20e20746.pth")
     parser.add_argument("dst", help="Ultralytics checkpoint to write (.pt)")
-    parser.add_argument("--cfg", default="cfg/tood-r50.yaml", help="model YAML of the same architecture")
+    parser.add_argument("--cfg", default=str(DEFAULT_CFG), help="model YAML of the same architecture")
     parser.add_argument("--half", action="store_true", help="store FP16 weights (as Ultralytics' trainer does)")
     args = parser.parse_args(argv)
+    if not Path(args.cfg).is_file():
+        parser.error(f"model YAML {args.cfg} not found: pass --cfg path/to/tood-*.yaml (the cfg/ folder of tood-yolo)")
     dst = convert(args.src, args.dst, args.cfg, half=args.half)
     print(f"Converted {args.src} -> {dst} ({args.cfg}{', fp16' if args.half else ''})")
     return dst

@@ -58,7 +58,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from .backbone import IMAGENET_MEAN, ResNet
-from .coco import COCO_STATS, coco_eval  # noqa: F401  (COCO_STATS: the names of the returned statistics)
+from .coco import COCO_STATS, coco_eval, load_gt  # noqa: F401  (COCO_STATS: the names of the returned statistics)
 from .head import TOODHead
 
 SCALE = (1333, 800)  # mmdet Resize scale (long, short), keep_ratio=True
@@ -215,10 +215,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Detect on the annotated images of `annotations` (found under `images`), write COCO results json, score with
     pycocotools. Returns COCO's 12 statistics by name (`COCO_STATS`), and `n_images`, `n_detections`."""
-    from pycocotools.coco import COCO
-
+    coco = load_gt(annotations)  # before the model: a bad annotation file fails at once
     model = load_model(model, device, half)
-    coco = COCO(str(annotations))
     cat_ids = sorted(coco.getCatIds())
     head = next((m for m in model.modules() if hasattr(m, "nc")), None)
     nc = getattr(head, "nc", None)

@@ -750,6 +750,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     source = Path(str(args["source"]))
+    if not source.exists():
+        raise FileNotFoundError(f"source={source} not found")
     if not source.is_file():
         raise FileNotFoundError(f"source={source} is not an image file (one image per run)")
     from ultralytics import YOLO

@@ -11,9 +11,11 @@ after `ultralytics.nn.tasks` is first imported. `import tood_yolo` calls it too.
 3. exposes the modules in `ultralytics.nn.tasks`, where `parse_model` resolves YAML names;
 4. routes TOOD models to TOOD's loss (`DetectionModel.init_criterion`) and trainer (`YOLO.task_map`); a model YAML's
    `loss: tood` / `loss: v8` swaps the losses of `Detect` and `TOODHead` (the ablation's 2x2);
-5. adds TOOD's training arguments (`tood_yolo_hook.TOOD_ARGS`: recipe, initial_epoch) to Ultralytics' default
-   configuration (the start-up hook does it earlier, for the `yolo` command's argument check);
-6. gives an offline Ultralytics (YOLO_OFFLINE=1) a font, since `check_font` would otherwise try the network.
+5. adds TOOD's training arguments (`TOOD_ARGS`) to Ultralytics' default configuration, so that `yolo train recipe=...`
+   passes Ultralytics' argument check and the values travel with the run's arguments (args.yaml, checkpoints, resume,
+   DDP workers);
+6. keeps an offline Ultralytics (YOLO_OFFLINE=1) off the network (`tood_yolo.offline`: font, weights, datasets);
+7. gives bad label rows, a missing labels folder and damaged video frames clear handling (`tood_yolo.inputs`).
 
 Checkpoints pickle the modules by their path in this package, so a TOOD `.pt` loads wherever it is installed.
 """
@@ -22,21 +24,20 @@ from __future__ import annotations
 
 import ast
 import inspect
-import os
-import shutil
 import sys
 from copy import deepcopy
-from pathlib import Path
 
 import torch
 from torch import nn
-from tood_yolo_hook import add_args  # the start-up hook, a top-level module installed beside the package
 
+from . import offline
 from .backbone import ResNet
 from .head import TOODHead
 from .neck import FPN
 
 TOOD_MODULES: dict[str, type[nn.Module]] = {"ResNet": ResNet, "FPN": FPN, "TOODHead": TOODHead}
+# Arguments TOOD adds to Ultralytics' (None: decided by the model YAML and the recipe, tood_yolo/recipe.py)
+TOOD_ARGS = {"recipe": None, "initial_epoch": None}
 PROBE_SIZE = 64  # side of the dummy input that measures channels; any multiple of the largest backbone stride
 _done: set[str] = set()  # parts of the registration already applied
 
@@ -189,19 +190,6 @@ def tood_task_map(self) -> dict:
     return task_map
 
 
-def ensure_offline_font() -> None:
-    """Give Ultralytics' `check_font` a local Arial.ttf (matplotlib's DejaVu Sans) so plots never fetch one."""
-    from matplotlib import get_data_path
-    from ultralytics.utils import USER_CONFIG_DIR
-
-    src = Path(get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        dst = Path(USER_CONFIG_DIR) / name
-        if not dst.exists() and src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-
-
 def register() -> None:
     """Make TOOD known to Ultralytics (idempotent; see the module docstring).
 
@@ -215,19 +203,27 @@ def register() -> None:
         _done.add("tasks")
         from ultralytics.engine import model as engine_model
 
-        from ultralytics import utils
+        from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT
 
-        add_args(utils)  # also when Ultralytics was imported before the start-up hook was installed
+        for k, v in TOOD_ARGS.items():
+            DEFAULT_CFG_DICT.setdefault(k, v)
+            setattr(DEFAULT_CFG, k, getattr(DEFAULT_CFG, k, v))
         _ULTRALYTICS_PARSE_MODEL, _ULTRALYTICS_GUESS_MODEL_TASK = tasks.parse_model, tasks.guess_model_task
         _ULTRALYTICS_INIT_CRITERION = tasks.DetectionModel.init_criterion
         vars(tasks).update(TOOD_MODULES)
         tasks.parse_model = tood_parse_model
         tasks.guess_model_task = engine_model.guess_model_task = tood_guess_model_task
         tasks.DetectionModel.init_criterion = tood_init_criterion
-        if os.environ.get("YOLO_OFFLINE", "").lower() in {"1", "true"}:
-            ensure_offline_font()
+        if offline.is_offline():
+            offline.ensure_offline_font()
+            offline.guard_downloads()
     yolo = getattr(sys.modules.get("ultralytics.models.yolo.model"), "YOLO", None)
     if "yolo" not in _done and yolo is not None:
         _done.add("yolo")
         _ULTRALYTICS_TASK_MAP = yolo.task_map
         yolo.task_map = property(tood_task_map)
+        from . import inputs  # imports Ultralytics' data modules: only once Ultralytics has loaded them
+
+        inputs.register()
+        if offline.is_offline():
+            offline.guard_datasets()

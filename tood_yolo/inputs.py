@@ -1,0 +1,87 @@
+"""Bad inputs that Ultralytics reads without saying what is wrong: label rows, a missing labels folder, video frames.
+
+`register()` applies these to Ultralytics (idempotent):
+
+- label rows: a row with the wrong number of values (numpy's "inhomogeneous shape" when other rows have 5) or a
+  `nan`/`inf` value (reported as an empty list of out-of-bounds coordinates) makes Ultralytics skip the image with an
+  unhelpful reason. `verify_image_label` names the label file, the line and the fault first, then defers to
+  Ultralytics' own checks;
+- no labels folder: Ultralytics scans, finds nothing and fails on a `.cache` file that was never written.
+  `get_label_files` says "no labels folder at ..." (an error for a training set, a warning for validation, as
+  Ultralytics treats unlabelled validation sets);
+- damaged video frames: `yolo predict` ends a video at the first frame FFmpeg cannot decode. Its loader becomes
+  `tood_yolo.deploy`'s, which skips and logs such frames, as `predict.py` does.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ultralytics.data import build, dataset
+from ultralytics.utils import LOGGER
+
+_ULTRALYTICS_VERIFY = dataset.verify_image_label
+_ULTRALYTICS_GET_LABEL_FILES = dataset.YOLODataset.get_label_files
+BOX_COLUMNS = 5  # class x_center y_center width height
+
+
+def label_row_error(lb_file: str, keypoint: bool, kpt_values: int = 0) -> str | None:
+    """The first fault of a label file's rows that Ultralytics would report unclearly, or None.
+
+    A row must have 5 values (a box), an odd number above 6 (class and a polygon, segment labels) or, for a dataset
+    with `kpt_shape`, 5 + `kpt_values` (a pose row, whose box a detection task keeps); a pose task's rows are left to
+    Ultralytics, which checks their length against `kpt_shape`. Every value must be a finite number.
+    """
+    try:
+        with open(lb_file, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None  # a missing, unreadable or binary label file: Ultralytics' own handling
+    for n, line in enumerate(lines, 1):
+        values = line.split()
+        if not values:
+            continue
+        n_ok = len(values) in {BOX_COLUMNS, BOX_COLUMNS + kpt_values} or len(values) >= 7 and len(values) % 2
+        if not keypoint and not n_ok:
+            return f"{lb_file} line {n}: {len(values)} values, expected {BOX_COLUMNS} columns (class x y w h)"
+        try:
+            bad = next((v for v in values if not math.isfinite(float(v))), None)
+        except ValueError as e:
+            return f"{lb_file} line {n}: {e}"
+        if bad is not None:
+            return f"{lb_file} line {n}: value '{bad}' is not a finite number"
+    return None
+
+
+def verify_image_label(args: tuple) -> tuple | list:
+    """Ultralytics' `verify_image_label` (same arguments and result) that names a bad label row first."""
+    im_file, lb_file, prefix, keypoint, _, nkpt, ndim = args[:7]
+    error = label_row_error(lb_file, keypoint, nkpt * ndim)
+    if error is None:
+        return _ULTRALYTICS_VERIFY(args)
+    # Ultralytics' result for a corrupt pair: nothing kept, counted as found (nf) and corrupt (nc)
+    return [None, None, None, None, None, 0, 1, 0, 1, f"{prefix}{im_file}: ignoring corrupt image/label: {error}"]
+
+
+def get_label_files(self) -> list[str]:
+    """`YOLODataset.get_label_files` that says so when the labels folder of the images does not exist."""
+    files = _ULTRALYTICS_GET_LABEL_FILES(self)
+    folders = sorted({str(Path(f).parent) for f in files})
+    if files and not any(Path(d).is_dir() for d in folders):
+        more = f" (and {len(folders) - 1} more)" if len(folders) > 1 else ""
+        msg = (f"{self.prefix}no labels folder at {folders[0]}{more}: labels are read from the 'labels' folder beside "
+               f"'images', one <image name>.txt per image")
+        if self.augment:  # training needs labels; Ultralytics also only warns for unlabelled validation sets
+            raise FileNotFoundError(msg)
+        LOGGER.warning(msg)
+    return files
+
+
+def register() -> None:
+    """Apply the checks above to Ultralytics' datasets and predict loader."""
+    from .deploy import _loader_class
+
+    dataset.verify_image_label = verify_image_label  # YOLODataset.verify_args reads the module global
+    dataset.YOLODataset.get_label_files = get_label_files
+    build.LoadImagesAndVideos = _loader_class()  # load_inference_source builds the predict loader from this name
