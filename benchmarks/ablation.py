@@ -13,7 +13,8 @@ seeds, from scratch, `val=False` (no checkpoint is picked on evaluation data: be
 - `detect-tood`: the same with `loss: tood` (TOOD's ATSS warm-up, then TAL + QFL + GIoU), TOODTrainer;
 - `thead-v8`:    cfg/tood-n.yaml with `loss: v8` (the T-head's boxes and scores through v8's loss, `THeadV8Loss`);
 - `thead-tood`:  cfg/tood-n.yaml, the T-head + TOOD's loss (TOOD itself).
-Optional rows: `thead-tood-w0` (no ATSS warm-up, for the warm-up choice, evaluate with split=val), and the
+Optional rows: `thead-tood-w0` / `thead-tood-w8` (0 / 8 ATSS warm-up epochs instead of 4, for the warm-up choice:
+evaluate with split=val), and the
 Ultralytics twins `yolov8n`, `yolov8n-tood`, `yolo11n`, `yolo11n-tood` where those configs exist (cfg/ or Ultralytics).
 
 Presets: `cpu` (default) bccd train -> test, 3 seeds, 20 epochs, imgsz 256, batch 16: about 75 min on an idle 2-core
@@ -67,6 +68,7 @@ MODELS = {
     "thead-v8": (ROOT / "cfg/tood-n.yaml", "loss: v8", "T-head + v8 loss", "TOODTrainer"),
     "thead-tood": (ROOT / "cfg/tood-n.yaml", "", "T-head + TOOD loss", "TOODTrainer"),
     "thead-tood-w0": (ROOT / "cfg/tood-n.yaml", "initial_epoch: 0", "T-head + TOOD loss, no warm-up", "TOODTrainer"),
+    "thead-tood-w8": (ROOT / "cfg/tood-n.yaml", "initial_epoch: 8", "T-head + TOOD loss, 8 warm-up epochs", "TOODTrainer"),
     "yolov8n": (ULTRALYTICS_CFG / "v8/yolov8.yaml", "scale: n", "YOLOv8n (Detect + v8 loss)", "DetectionTrainer"),
     "yolov8n-tood": (ROOT / "cfg/yolov8n-tood.yaml", "", "YOLOv8n neck + T-head + TOOD loss", "TOODTrainer"),
     "yolo11n": (ULTRALYTICS_CFG / "11/yolo11.yaml", "scale: n", "YOLO11n (Detect + v8 loss)", "DetectionTrainer"),
