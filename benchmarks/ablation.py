@@ -14,7 +14,8 @@ seeds, from scratch, `val=False` (no checkpoint is picked on evaluation data: be
 - `thead-v8`:    cfg/tood-n.yaml with `loss: v8` (the T-head's boxes and scores through v8's loss, `THeadV8Loss`);
 - `thead-tood`:  cfg/tood-n.yaml, the T-head + TOOD's loss (TOOD itself).
 Optional rows: `thead-tood-w0` / `thead-tood-w8` (0 / 8 ATSS warm-up epochs instead of 4, for the warm-up choice:
-evaluate with split=val), and the
+evaluate with split=val), `thead-tood-g8` (GroupNorm with 8 groups of 8 channels, the paper's group size, instead of
+32 groups of 2 at tood-n's 64 channels), and the
 Ultralytics twins `yolov8n`, `yolov8n-tood`, `yolo11n`, `yolo11n-tood` where those configs exist (cfg/ or Ultralytics).
 
 Presets: `cpu` (default) bccd train -> test, 3 seeds, 20 epochs, imgsz 256, batch 16: about 75 min on an idle 2-core
@@ -61,7 +62,7 @@ from tood_yolo.synthetic import make_synthetic_dataset  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 DATA_DIR = ROOT / "datasets" / "ablation"
 ULTRALYTICS_CFG = Path(ultralytics.__file__).parent / "cfg" / "models"
-# name: (model YAML, YAML lines appended to it, head + loss, the trainer Ultralytics must pick for it)
+# name: (model YAML, YAML lines appended to it or an (old, new) edit of it, head + loss, the trainer it must get)
 MODELS = {
     "detect-v8": (ROOT / "cfg/ablation-detect-n.yaml", "", "Detect + v8 loss", "DetectionTrainer"),
     "detect-tood": (ROOT / "cfg/ablation-detect-n.yaml", "loss: tood", "Detect + TOOD loss", "TOODTrainer"),
@@ -69,6 +70,8 @@ MODELS = {
     "thead-tood": (ROOT / "cfg/tood-n.yaml", "", "T-head + TOOD loss", "TOODTrainer"),
     "thead-tood-w0": (ROOT / "cfg/tood-n.yaml", "initial_epoch: 0", "T-head + TOOD loss, no warm-up", "TOODTrainer"),
     "thead-tood-w8": (ROOT / "cfg/tood-n.yaml", "initial_epoch: 8", "T-head + TOOD loss, 8 warm-up epochs", "TOODTrainer"),
+    "thead-tood-g8": (ROOT / "cfg/tood-n.yaml", ("anchor_free, 0.0]]", "anchor_free, 0.0, 8]]"),
+                      "T-head (GroupNorm 8 groups) + TOOD loss", "TOODTrainer"),
     "yolov8n": (ULTRALYTICS_CFG / "v8/yolov8.yaml", "scale: n", "YOLOv8n (Detect + v8 loss)", "DetectionTrainer"),
     "yolov8n-tood": (ROOT / "cfg/yolov8n-tood.yaml", "", "YOLOv8n neck + T-head + TOOD loss", "TOODTrainer"),
     "yolo11n": (ULTRALYTICS_CFG / "11/yolo11.yaml", "scale: n", "YOLO11n (Detect + v8 loss)", "DetectionTrainer"),
@@ -134,13 +137,21 @@ def prepare_data(name: str) -> Path:
 
 
 def model_yaml(name: str, project: Path) -> Path:
-    """The model's YAML, with the row's extra lines (`loss: tood`, ...) appended in a copy under `project`."""
+    """The model's YAML, with the row's extra lines (`loss: tood`, ...) appended or its (old, new) edit made, in a copy
+    under `project`."""
     cfg, extra = MODELS[name][:2]
     if not extra:
         return cfg
+    text = cfg.read_text()
+    if isinstance(extra, tuple):
+        if extra[0] not in text:
+            raise RuntimeError(f"{name}: {extra[0]!r} not in {cfg}")
+        text = text.replace(extra[0], extra[1], 1)
+    else:
+        text += f"\n{extra}\n"
     path = project / "cfg" / f"{name}.yaml"  # the file name gives the run's model its name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(cfg.read_text() + f"\n{extra}\n")
+    path.write_text(text)
     return path
 
 
