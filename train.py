@@ -25,9 +25,8 @@ ROOT = Path(__file__).resolve().parent
 # The main job: a few CPU minutes from scratch with tood-n's `ultralytics` recipe (mosaic, HSV, scale, translate,
 # flips; ATSS warm-up for 4 epochs, then TAL) and these overrides for a budget of a few hundred iterations: one
 # optimiser step per batch of 8 (nbs=8; at Ultralytics' nbs=64 the 256 images give 4 steps an epoch), AdamW at a fixed
-# lr0 0.002 with 1 warm-up epoch and a linear decay to 0.1 x lr0. Measured on the synthetic val split (README): nbs=64
-# with Ultralytics' own lr/warm-up gives mAP50 0.07, a 1-epoch ATSS warm-up 0.12, lr0 0.004 0.28, these settings 0.51
-# (without mosaic 0.51). Validation runs once, at the end.
+# lr0 0.002 with 1 warm-up epoch and a linear decay to 0.1 x lr0 (README: what else was tried on this set and what it
+# gave; nbs=64 with Ultralytics' own lr and warm-up learns next to nothing here). Validation runs once, at the end.
 MAIN_JOB = {
     "model": str(ROOT / "cfg" / "tood-n.yaml"),
     "epochs": 20,
