@@ -50,7 +50,9 @@ def test_fpn_form_outputs_equal_those_before_the_multi_input_form(case):
     head.eval()
     with torch.no_grad():
         y, _ = head(x)
-    torch.testing.assert_close(y, torch.from_numpy(ref[f"{case}/y"]), rtol=1e-5, atol=1e-5)
+    # 1e-4: the reference was saved before the decompositions were fused into one bmm, which sums in another order;
+    # float32 rounding then moves a sampled box by up to ~7e-5 px (the mmdet parity tests use the same tolerance)
+    torch.testing.assert_close(y, torch.from_numpy(ref[f"{case}/y"]), rtol=1e-4, atol=1e-4)
 
 
 def test_a_head_pickled_before_the_multi_input_form_loads_and_runs(tmp_path):
