@@ -284,8 +284,8 @@ def main(argv: list[str]) -> list[dict]:
           f"{args['device']}; {machine()}; {total_s / 60:.1f} min in this call.\n\n{markdown_table(rows)}\n"
           "Mean ± sample std over seeds. rank corr: mean Spearman correlation of score and IoU over each GT's top-50 "
           "pre-NMS predictions; top-10 IoU: mean IoU of each GT's 10 best-scored pre-NMS predictions; correct / "
-          "redundant / error: detections after NMS (conf 0.001) that are a GT's best match at IoU >= 0.5 / another "
-          "match of an already-matched GT / IoU 0.1-0.5.\n")
+          "redundant / error: % of all detections after NMS (conf 0.001, background included) that take a not yet "
+          "matched GT at IoU >= 0.5 / overlap an already matched GT at IoU >= 0.5 / reach at best IoU 0.1-0.5.\n")
     (project / "ablation.md").write_text(md)
     (project / "ablation.json").write_text(json.dumps({"args": args, "command": command, "machine": machine(),
                                                        "total_s": round(total_s, 1), "rows": rows}, indent=2))
