@@ -15,7 +15,7 @@ seeds, from scratch, `val=False` (no checkpoint is picked on evaluation data: be
 - `thead-tood`:  cfg/tood-n.yaml, the T-head + TOOD's loss (TOOD itself).
 Optional rows: `thead-tood-w0` / `thead-tood-w8` (0 / 8 ATSS warm-up epochs instead of 4, for the warm-up choice:
 evaluate with split=val), `thead-tood-g8` (GroupNorm with 8 groups of 8 channels, the paper's group size, instead of
-32 groups of 2 at tood-n's 64 channels; `yolo11n-tood-g32` the reverse for the twin), and the
+32 groups of 2 at tood-n's 64 channels; `yolo11n-tood-g8` the same for the twin), and the
 Ultralytics twins `yolov8n`, `yolov8n-tood`, `yolo11n`, `yolo11n-tood` where those configs exist (cfg/ or Ultralytics).
 
 Presets: `cpu` (default) bccd train -> test, 3 seeds, 20 epochs, imgsz 256, batch 16: about 75 min on an idle 2-core
@@ -76,8 +76,8 @@ MODELS = {
     "yolov8n-tood": (ROOT / "cfg/yolov8n-tood.yaml", "", "YOLOv8n neck + T-head + TOOD loss", "TOODTrainer"),
     "yolo11n": (ULTRALYTICS_CFG / "11/yolo11.yaml", "scale: n", "YOLO11n (Detect + v8 loss)", "DetectionTrainer"),
     "yolo11n-tood": (ROOT / "cfg/yolo11n-tood.yaml", "", "YOLO11n neck + T-head + TOOD loss", "TOODTrainer"),
-    "yolo11n-tood-g32": (ROOT / "cfg/yolo11n-tood.yaml", ("anchor_free, 0.0, 8]]", "anchor_free, 0.0, 32]]"),
-                         "YOLO11n neck + T-head (GroupNorm 32 groups) + TOOD loss", "TOODTrainer"),
+    "yolo11n-tood-g8": (ROOT / "cfg/yolo11n-tood.yaml", ("anchor_free, 0.0, 32]]", "anchor_free, 0.0, 8]]"),
+                        "YOLO11n neck + T-head (GroupNorm 8 groups) + TOOD loss", "TOODTrainer"),
 }
 TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
 DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "coco128": ("train2017", "val2017")}
