@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ultralytics.utils.loss import v8DetectionLoss
-from ultralytics.utils.tal import dist2bbox, make_anchors
+from ultralytics.utils.tal import make_anchors
 
 from .assigners import ATSSAssigner, TaskAlignedAssigner
 from .head import TOODHead
@@ -87,13 +87,13 @@ def reduce_mean(x: torch.Tensor, sync: bool = True) -> torch.Tensor:
 class TOODLoss:
     """TOOD's loss for a model whose last layer is a `TOODHead` (or, for the ablation, Ultralytics' `Detect`).
 
-    Epochs < `initial_epoch`: ATSS targets, focal loss on hard labels / number of positives and centreness-weighted
-    GIoU / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft label and t_hat-weighted
+    Epochs < `initial_epoch`: ATSS targets, focal loss on hard labels / number of positives and centreness-weighted GIoU
+    / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft label and t_hat-weighted
     GIoU, both / max(sum of t_hat, 1). DDP training steps all-reduce the factors. The recipe (`tood_yolo.recipe`)
     decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=` gains, calibrated, under
     ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up come from the trainer's
-    arguments, which Ultralytics attaches to the model as `model.args`, else from the model YAML. Set `epoch` (a plain
-    int) at every epoch start; `TOODTrainer` does.
+    arguments, which Ultralytics attaches to the model as `model.args`, else from the model YAML. Set `epoch` (a
+    plain int) at every epoch start; `TOODTrainer` does.
 
     Returns (when called with predictions and a batch): the loss to back-propagate and the detached
     {"loss_cls", "loss_bbox"} of the batch, as the reference logs them (weighted, per positive, not scaled).
@@ -101,6 +101,7 @@ class TOODLoss:
 
     preprocess = v8DetectionLoss.preprocess  # padded (B, M, 5) class + pixel xyxy targets, as Ultralytics builds them
     parse_output = v8DetectionLoss.parse_output
+    bbox_decode = v8DetectionLoss.bbox_decode  # Detect's DFL expectation (or ltrb distances) to xyxy boxes
     loss_names = ("loss_cls", "loss_bbox")
 
     def __init__(
@@ -116,7 +117,8 @@ class TOODLoss:
         self.nc, self.stride = head.nc, head.stride
         self.anchor_offset = getattr(head, "anchor_offset", 0.5)  # Detect's anchor points sit at cell centres
         self.detect_head = not isinstance(head, TOODHead)  # distances and logits to decode (the ablation's Detect)
-        self.reg_max = head.reg_max
+        self.use_dfl = head.reg_max > 1  # what `bbox_decode` (v8's) reads
+        self.proj = torch.arange(head.reg_max, dtype=torch.float, device=self.device)
         self.recipe = check_recipe(arg(args, "recipe") or recipe_of(yaml))
         self.scale = LossScale(self.recipe)
         self.gains = arg(args, "cls"), arg(args, "box")
@@ -148,11 +150,8 @@ class TOODLoss:
         """
         boxes, scores = preds["boxes"].float().permute(0, 2, 1), preds["scores"].float().permute(0, 2, 1)
         if self.detect_head:
-            b, a, _ = boxes.shape
-            proj = torch.arange(self.reg_max, device=boxes.device, dtype=boxes.dtype)
-            ltrb = boxes.view(b, a, 4, self.reg_max).softmax(3).matmul(proj) if self.reg_max > 1 else boxes
             points = make_anchors(preds["feats"], self.stride, self.anchor_offset)[0]
-            boxes, scores = dist2bbox(ltrb, points, xywh=False), scores.sigmoid()
+            boxes, scores = self.bbox_decode(points, boxes), scores.sigmoid()
         return boxes, scores
 
     def loss(
@@ -209,10 +208,10 @@ class THeadV8Loss(v8DetectionLoss):
     """Ultralytics' YOLOv8 loss on a `TOODHead`'s outputs: the ablation's "T-head + v8 loss" cell.
 
     Everything is v8's (its task-aligned assigner with topk 10, alpha 0.5; BCE on logits; CIoU; anchor points at cell
-    centres; gains `box`/`cls`/`dfl`; loss x batch size). The T-head predicts boxes, not DFL distributions (reg_max 1),
-    so v8's L1 term on normalised ltrb distances takes DFL's place, as for any reg_max-1 head in Ultralytics. The aligned
-    boxes become ltrb distances from v8's anchor points and the aligned scores sqrt(P * M) become logits (clamped to
-    [1e-6, 1 - 1e-6] before the logit, beyond which BCE's gradient through the clamp is 0).
+    centres; gains `box`/`cls`/`dfl`; loss x batch size). The T-head predicts boxes, not DFL distributions (reg_max
+    1), so v8's L1 term on normalised ltrb distances takes DFL's place, as for any reg_max-1 head in Ultralytics.
+    The aligned boxes become ltrb distances from v8's anchor points and the aligned scores sqrt(P * M) become logits
+    (clamped to [1e-6, 1 - 1e-6] before the logit, beyond which BCE's gradient through the clamp is 0).
     """
 
     def parse_output(self, preds) -> dict[str, torch.Tensor]:

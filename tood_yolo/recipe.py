@@ -54,7 +54,7 @@ RECIPES: dict[str, dict] = {
     "ultralytics": {},  # Ultralytics' defaults, untouched
 }
 # Epochs of ATSS warm-up before task alignment learning (`initial_epoch`, mmdet's name), per recipe. mmdet: the
-# reference's 4 of 12. ultralytics: chosen on bccd train/val (README, "Warm-up in the YOLO regime"); for scale,
+# reference's 4 of 12. ultralytics: kept at 4 after 0 / 4 / 8 were measured on bccd val (README, "Ablation"); for scale,
 # YOLOv6 v1/v2 use 4 of 300-400 epochs (0 in v3), PP-YOLOE 100 of 300 and PP-YOLOE+ 30 of 80 (static_assigner_epoch).
 INITIAL_EPOCH = {"mmdet": 4, "ultralytics": 4}
 
@@ -62,10 +62,10 @@ INITIAL_EPOCH = {"mmdet": 4, "ultralytics": 4}
 # the user's `cls=` / `box=` relative to these, keeping the reference's 1:2 ratio at the defaults.
 V8_CLS_GAIN, V8_BOX_GAIN = 0.5, 7.5
 TOOD_CLS_WEIGHT, TOOD_BOX_WEIGHT = 1.0, 2.0  # the reference's loss_cls / loss_bbox weights
-# Gradient-norm calibration (benchmarks/calibrate_gains.py, README "Recipes"): at init, on bccd train batches with
-# Ultralytics' augmentation, the trunk's gradient norm of Detect + v8 loss is 12.0 +- 2.5 times that of the T-head + TOOD
-# loss in the ATSS warm-up (focal loss, alpha 0.25) and 1.51 +- 0.44 times in TAL (2 seeds x 3 batches). TOOD's weights
-# are multiplied by these per phase, so that lr0 means for a TOOD model what it means for YOLOv8 in both phases.
+# Gradient-norm calibration (benchmarks/calibrate_gains.py, README "Training: two recipes"): at init, on bccd train
+# batches with Ultralytics' augmentation, the trunk's gradient norm of Detect + v8 loss is 12.0 +- 2.5 times that of the
+# T-head + TOOD loss in the ATSS warm-up (focal loss, alpha 0.25) and 1.51 +- 0.44 times in TAL (2 seeds x 3 batches).
+# TOOD's weights are multiplied by these per phase, so that lr0 means for a TOOD model what it means for YOLOv8.
 ULTRALYTICS_GAIN = {"atss": 12.0, "tal": 1.5}
 
 
@@ -137,7 +137,9 @@ class LossScale:
             return loss / (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
         return loss * batch_size
 
-    def weights(self, warmup: bool, cls_gain: float | None = None, box_gain: float | None = None) -> tuple[float, float]:
+    def weights(
+        self, warmup: bool, cls_gain: float | None = None, box_gain: float | None = None
+    ) -> tuple[float, float]:
         """TOOD's (cls, bbox) loss weights in the ATSS warm-up (`warmup`) or in TAL: the reference's under mmdet; under
         ultralytics, the reference's scaled by Ultralytics' `cls=` / `box=` gains relative to their defaults (None: the
         defaults) and calibrated to v8's gradient scale (`ULTRALYTICS_GAIN`)."""
