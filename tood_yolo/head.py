@@ -211,7 +211,11 @@ class ModulatedDeformConv(nn.Module):
         if torch.onnx.is_in_onnx_export():
             c = self.conv
             return modulated_deform_conv2d(x, offset, mask, c.weight, c.bias, c.stride[0], c.padding[0], c.dilation[0])
-        return self.conv(x, offset, mask)
+        # torchvision's CPU kernel turns a non-finite or huge offset into an out-of-bounds read (floor(NaN) -> INT_MIN)
+        # and kills the process: Ultralytics' FLOPs count feeds the model an uninitialised tensor (torch.empty) when
+        # it loads a checkpoint. Any offset beyond the map's extent samples zeros, so the clamp changes no finite result.
+        limit = float(sum(x.shape[-2:]) + self.conv.weight.shape[-1])
+        return self.conv(x, offset.nan_to_num(0.0, limit, -limit).clamp(-limit, limit), mask)
 
 
 class TaskDecomposition(nn.Module):
