@@ -14,8 +14,8 @@ from ultralytics import YOLO
 from ultralytics.utils import ASSETS, LOGGER
 
 import tood_yolo  # noqa: F401  (registers TOOD when the package runs from a source checkout)
-from tood_yolo.cli import parse_args
-from tood_yolo.deploy import run
+from tood_yolo.tools.cli import parse_args
+from tood_yolo.tools.deploy import run
 
 ROOT = Path(__file__).resolve().parent
 

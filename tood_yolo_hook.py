@@ -2,9 +2,9 @@
 
 `tood_yolo_hook.pth` (installed into site-packages with the package) imports this module when Python starts. It
 only adds a `sys.meta_path` finder, standard library alone (well under a millisecond). When anything later imports
-`ultralytics.nn.tasks` or `ultralytics.models` (the `yolo` command, `ultralytics.YOLO`, a checkpoint load), the finder
-lets that module load as usual and then calls `tood_yolo.register.register()`, which makes TOOD's model YAMLs,
-checkpoints and trainer known to Ultralytics. `import tood_yolo` registers too.
+`ultralytics.models` (the `yolo` command, `ultralytics.YOLO`), the finder lets that module load as usual and then calls
+`tood_yolo.register.register()`, which makes `YOLO` turn into TOOD's model class for TOOD's YAMLs and checkpoints.
+`import tood_yolo` registers too, and a checkpoint load imports it (its pickle names TOOD's modules).
 
 It also wraps the `yolo` command's entry point (`ultralytics.cfg.entrypoint`): TOOD is registered before the command
 checks its arguments (TOOD's own, such as `recipe=`, are then known), and `yolo train resume=path/last.pt` resumes
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import sys
 
-# The model parser lives in the first, the YOLO class (trainer selection) in the second, which finishes loading last;
-# the third holds the `yolo` command's entry point
-TARGETS = {"ultralytics.nn.tasks", "ultralytics.models", "ultralytics.cfg"}
+# The YOLO class is in the first (which finishes loading after its submodules), the `yolo` entry point in the second
+TARGETS = {"ultralytics.models", "ultralytics.cfg"}
 
 
 def resume_as_model(argv: list[str]) -> None:

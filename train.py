@@ -3,7 +3,7 @@
 Without `data=` it runs the product's main job: it generates a synthetic detection set (datasets/synthetic, no
 download), trains cfg/tood-n.yaml on it on the CPU with the settings of MAIN_JOB below, validates, and prints mAP50,
 mAP50-95 and where the weights are; other arguments override those settings. With `data=` it is `yolo train` (model
-default cfg/tood-n.yaml): the model's recipe (tood_yolo.recipe) applies to whatever is not given.
+default cfg/tood-n.yaml): the model's recipe (tood_yolo.engine.recipe) applies to whatever is not given.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from ultralytics import YOLO
 from ultralytics.utils import LOGGER
 
 import tood_yolo  # noqa: F401  (registers TOOD when the package runs from a source checkout)
-from tood_yolo.cli import parse_args, resume_checkpoint
-from tood_yolo.synthetic import make_synthetic_dataset
+from tood_yolo.tools.cli import parse_args, resume_checkpoint
+from tood_yolo.data.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent
 # The main job: a few CPU minutes from scratch with tood-n's `ultralytics` recipe (mosaic, HSV, scale, translate,

@@ -21,7 +21,7 @@ Ultralytics twins `yolov8n`, `yolov8n-tood`, `yolo11n`, `yolo11n-tood` where tho
 Presets: `cpu` (default) bccd train -> test, 3 seeds, 20 epochs, imgsz 256, batch 16: about 75 min on an idle 2-core
 CPU; `quick` 1 epoch, seed 0, imgsz 128 (a smoke run, written to runs/ablation-quick); `gpu` bccd and coco128 (train2017
 -> val2017), 3 seeds, 100 epochs, imgsz 640, batch 16, device 0. Evaluation: one Ultralytics val pass per run on the
-evaluation split (`tood_yolo.analysis.alignment_study`: conf 0.001, iou 0.7, max_det 300, rect batches, no NMS time
+evaluation split (`tood_yolo.tools.analysis.alignment_study`: conf 0.001, iou 0.7, max_det 300, rect batches, no NMS time
 limit) gives mAP50-95, mAP50 and TOOD's alignment study (rank correlation of score and IoU over each GT's top-50
 pre-NMS predictions, mean IoU of the top-10, and correct / redundant / error detections after NMS).
 
@@ -56,8 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
 import tood_yolo  # noqa: E402, F401  (registers TOOD with Ultralytics)
-from tood_yolo.analysis import alignment_study  # noqa: E402
-from tood_yolo.synthetic import make_synthetic_dataset  # noqa: E402
+from tood_yolo.tools.analysis import alignment_study  # noqa: E402
+from tood_yolo.data.synthetic import make_synthetic_dataset  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 DATA_DIR = ROOT / "datasets" / "ablation"

@@ -28,12 +28,14 @@ import torch  # noqa: E402
 from ultralytics.cfg import get_cfg  # noqa: E402
 from ultralytics.data import build_dataloader, build_yolo_dataset  # noqa: E402
 from ultralytics.data.utils import check_det_dataset  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel, yaml_model_load  # noqa: E402
+from ultralytics.nn.tasks import yaml_model_load  # noqa: E402
+
+from tood_yolo import TOODDetectionModel as DetectionModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tood_yolo  # noqa: E402,F401  (registers TOOD)
-from tood_yolo.recipe import ULTRALYTICS_GAIN  # noqa: E402
+from tood_yolo.engine.recipe import ULTRALYTICS_GAIN  # noqa: E402
 
 # (T-head model, its Detect twin, number of shared leading rows)
 PAIRS = {"tood-n": ("cfg/tood-n.yaml", "cfg/ablation-detect-n.yaml", 11)}

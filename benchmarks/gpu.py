@@ -18,7 +18,7 @@ its batches; Ultralytics itself would letterbox to a square), tood-r50 at batch 
   fp16 (`.half()`, as `half=True`); median of the timed runs.
 - AMP run: 200 iterations of Ultralytics' trainer (TOODTrainer, its dataloaders and augmentation, `amp=True` with
   TOOD's AMP check, GradScaler, EMA, the final validation under autocast) training tood-n from scratch on a synthetic
-  shapes set (`tood_yolo.synthetic`); every iteration's loss must be finite. Also printed: the AMP decision, and how
+  shapes set (`tood_yolo.data.synthetic`); every iteration's loss must be finite. Also printed: the AMP decision, and how
   often the GradScaler lowered its scale (a step skipped for inf/NaN gradients).
 """
 
@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a source checkout without an installed package
 
 import tood_yolo  # noqa: E402,F401  (registers TOOD with Ultralytics)
-from tood_yolo.synthetic import make_synthetic_dataset  # noqa: E402
+from tood_yolo.data.synthetic import make_synthetic_dataset  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from tood_yolo.nn.model import TOODDetectionModel as DetectionModel  # noqa: E402
 
 CONFIGS = [  # model, batch, (height, width)
     ("tood-r50", 2, (800, 1344)),

@@ -64,15 +64,17 @@ def count_gflops(model: torch.nn.Module, imgsz: int | tuple[int, int] = 640) -> 
 
 
 def build(cfg: str | Path):
-    """DetectionModel of a config, the ResNet `weights` argument cleared (random init is enough to count)."""
+    """TOODDetectionModel of a config, the ResNet `weights` argument cleared (random init is enough to count)."""
     import tood_yolo  # noqa: F401  (registers TOOD's modules)
-    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from tood_yolo import TOODDetectionModel
 
     d = yaml_model_load(cfg)
     for row in d["backbone"] + d["head"]:
         if row[2] == "ResNet" and len(row[3]) > 5:
             row[3] = [*row[3][:5], None, *row[3][6:]]
-    return DetectionModel(d, verbose=False)
+    return TOODDetectionModel(d, verbose=False)
 
 
 def measure(cfg: str | Path, imgsz: int | tuple[int, int] = 640) -> dict:

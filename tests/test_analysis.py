@@ -11,7 +11,7 @@ import cv2
 import pytest
 import torch
 
-from tood_yolo.analysis import (
+from tood_yolo.tools.analysis import (
     alignment_study,
     assign_predictions,
     average_ranks,

@@ -1,11 +1,11 @@
-"""Tests of tood_yolo.assigners: hand-worked cases and a literal per-image port of mmdetection 3.3.0 as reference."""
+"""Tests of tood_yolo.engine.assigners: hand-worked cases and a literal per-image port of mmdetection 3.3.0 as reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tood_yolo.assigners import Assignment, ATSSAssigner, TaskAlignedAssigner
+from tood_yolo.engine.assigners import Assignment, ATSSAssigner, TaskAlignedAssigner
 
 NC = 4  # classes in the random batches
 INF = 100000000  # mmdet's sentinel in the overlaps trick

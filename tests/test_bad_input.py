@@ -96,7 +96,7 @@ def test_missing_weights_fail_at_once_in_yolo_predict(offline_env, tmp_path):
 def test_missing_weights_fail_at_once_in_yolo_train_train_py_and_analysis(no_network, train_script, coco8):
     from ultralytics.cfg import entrypoint
 
-    from tood_yolo import analysis
+    from tood_yolo.tools import analysis
 
     for run_it in (lambda: entrypoint(f"yolo train model=missing.pt data={coco8}"),
                    lambda: train_script.main(["model=missing.pt", f"data={coco8}"]),
@@ -160,7 +160,7 @@ def test_unreadable_images_and_bad_label_rows_are_named(coco8, tmp_path):
 
 
 def test_label_rows_that_ultralytics_reads_pass_the_row_check(tmp_path):
-    from tood_yolo.inputs import label_row_error
+    from tood_yolo.data.inputs import label_row_error
 
     rows = {"box": "0 0.5 0.5 0.2 0.2", "polygon": "0 0.1 0.1 0.9 0.1 0.5 0.9", "pose": "0 " + "0.5 " * 55}
     for name, row in rows.items():
@@ -199,7 +199,7 @@ def test_val_warns_when_model_and_dataset_class_names_differ(coco8, tmp_path):
 def test_convert_names_a_bad_file_and_finds_its_default_cfg_anywhere(tmp_path, monkeypatch, capsys):
     import torch
 
-    from tood_yolo.convert import main
+    from tood_yolo.tools.convert import main
 
     bad = tmp_path / "random.pth"
     bad.write_bytes(np.random.default_rng(0).bytes(1000))
@@ -217,7 +217,7 @@ def test_convert_names_a_bad_file_and_finds_its_default_cfg_anywhere(tmp_path, m
 
 
 def test_evaluate_names_a_truncated_annotation_file(tmp_path):
-    from tood_yolo.evaluate import main
+    from tood_yolo.tools.evaluate import main
 
     ann = tmp_path / "instances_val.json"
     ann.write_text('{"images": [{"id": 1, "file_na')
@@ -226,7 +226,7 @@ def test_evaluate_names_a_truncated_annotation_file(tmp_path):
 
 
 def test_maps_says_a_missing_source_is_not_found(tmp_path):
-    from tood_yolo.maps import main
+    from tood_yolo.tools.maps import main
 
     with pytest.raises(FileNotFoundError, match=f"source={re.escape(str(tmp_path / 'nope.jpg'))} not found"):
         main([f"model={TOOD_N}", f"source={tmp_path / 'nope.jpg'}"])

@@ -27,7 +27,7 @@ def test_validating_a_deformable_checkpoint_on_cpu_does_not_crash(tmp_path, offl
     """Ultralytics counts a loaded model's FLOPs on an uninitialised tensor; torchvision's CPU deformable conv read
     out of bounds at its non-finite offsets and killed the process (tood-tiny has a deformable inter conv)."""
     code = (
-        "from tood_yolo.synthetic import make_synthetic_dataset; from ultralytics import YOLO; "
+        "from tood_yolo.data.synthetic import make_synthetic_dataset; from ultralytics import YOLO; "
         f"d = make_synthetic_dataset({str(tmp_path / 'syn')!r}, n_train=4, n_val=4, imgsz=128); "
         f"YOLO({str(tmp_path / 'tood-tiny.pt')!r}).val(data=str(d), imgsz=128, batch=4, workers=0, plots=False); "
         "print('validated')"

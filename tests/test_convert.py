@@ -1,4 +1,4 @@
-"""Tests of tood_yolo.convert (mmdet TOOD checkpoints -> Ultralytics) and tood_yolo.evaluate (the reference's COCO
+"""Tests of tood_yolo.tools.convert (mmdet TOOD checkpoints -> Ultralytics) and tood_yolo.tools.evaluate (the reference's COCO
 protocol).
 
 The mmdet checkpoints are synthetic: key names and shapes written here from mmdetection 3.3.0's sources (ResNet /
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from tood_yolo.convert import load_mmdet_checkpoint, main, mmdet_key_map, read_mmdet_checkpoint, ultralytics_checkpoint
-from tood_yolo.evaluate import (
+from tood_yolo.tools.convert import load_mmdet_checkpoint, main, mmdet_key_map, read_mmdet_checkpoint, ultralytics_checkpoint
+from tood_yolo.tools.evaluate import (
     COCO_STATS,
     evaluate,
     padded_shape,
@@ -547,7 +547,7 @@ def converted_pt(tmp_path_factory, r50_state):
 
 
 def test_cli_round_trip_through_yolo(tmp_path, converted_pt, r50_reference):
-    """mmdet .pth -> `python -m tood_yolo.convert` -> .pt that ultralytics.YOLO loads, predicts and exports with, and
+    """mmdet .pth -> `python -m tood_yolo.tools.convert` -> .pt that ultralytics.YOLO loads, predicts and exports with, and
     whose model(x)[0] still equals the reference."""
     from ultralytics import YOLO
     from ultralytics.utils import ASSETS
@@ -591,7 +591,7 @@ def test_half_checkpoint(tmp_path, r50, r50_reference):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# tood_yolo.evaluate: the reference's test protocol
+# tood_yolo.tools.evaluate: the reference's test protocol
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "hw, resized, padded",
@@ -713,7 +713,7 @@ def test_evaluate_cli_runs_a_real_model(shared_data, tmp_path, converted_pt, cap
     ann, _ = _coco8_json(root)
     pt = converted_pt
     out = tmp_path / "d.json"
-    from tood_yolo.evaluate import main as eval_main
+    from tood_yolo.tools.evaluate import main as eval_main
 
     args = [f"model={pt}", f"images={root / 'images' / 'val'}", f"annotations={ann}", "max_images=1", f"out={out}"]
     stats = eval_main(args)

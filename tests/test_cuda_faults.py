@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from tood_yolo.loss import TOODLoss
+from tood_yolo.engine.loss import TOODLoss
 
 from test_loss import _batch, _Model
 
@@ -193,11 +193,12 @@ class _BrokenFp16(torch.nn.Module):
 def test_tood_amp_check_uses_the_model_itself_and_downloads_nothing(monkeypatch):
     from ultralytics.engine import trainer as trainer_module
     from ultralytics.models.yolo.detect import DetectionTrainer
-    from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils import checks
 
-    from tood_yolo import amp
-    from tood_yolo.trainer import TOODTrainer
+    from tood_yolo import TOODDetectionModel
+    from tood_yolo.engine import amp
+    from tood_yolo.engine.trainer import TOODTrainer
+    from tood_yolo.register import check_amp_replaced
 
     def no_network(*args, **kwargs):
         raise AssertionError("the AMP check tried to download or load another model")
@@ -214,10 +215,10 @@ def test_tood_amp_check_uses_the_model_itself_and_downloads_nothing(monkeypatch)
     assert seen == [amp.check_amp] and trainer_module.check_amp is checks.check_amp
 
     torch.manual_seed(0)
-    model = DetectionModel(Path(__file__).parents[1] / "cfg/tood-n.yaml", verbose=False)
+    model = TOODDetectionModel(Path(__file__).parents[1] / "cfg/tood-n.yaml", verbose=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert amp.amp_difference(model, imgsz=64) < amp.AMP_RTOL / 2  # measured 3e-3 (fp16; 2e-3 at 128 and 256 px)
-    with amp.own_amp_check():
+    with check_amp_replaced():
         assert trainer_module.check_amp(model, imgsz=64)
         assert not trainer_module.check_amp(_BrokenFp16())
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # untouched

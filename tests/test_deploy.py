@@ -26,7 +26,7 @@ import torch
 from ultralytics import YOLO
 from ultralytics.utils import ASSETS
 
-from tood_yolo import deploy
+from tood_yolo.tools import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -508,7 +508,7 @@ print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith(("tor
 def test_onnx_runs_with_onnxruntime_alone_without_torch(model, ckpt, synthetic_image, tmp_path):
     f = YOLO(str(ckpt)).export(format="onnx", imgsz=256, dynamic=True, simplify=True)
     sources = [*SOURCES, synthetic_image]
-    p = subprocess.run([sys.executable, "-c", TORCH_FREE, str(ROOT / "tood_yolo" / "deploy.py"), f, *sources],
+    p = subprocess.run([sys.executable, "-c", TORCH_FREE, str(ROOT / "tood_yolo" / "tools" / "deploy.py"), f, *sources],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
@@ -523,7 +523,7 @@ def test_onnx_runs_with_onnxruntime_alone_without_torch(model, ckpt, synthetic_i
 
 
 def test_docs_carry_the_onnxruntime_section_verbatim():
-    code = (ROOT / "tood_yolo" / "deploy.py").read_text()
+    code = (ROOT / "tood_yolo" / "tools" / "deploy.py").read_text()
     start = code.index("# --- onnxruntime-only inference")
     section = code[code.index("\n", start) + 1 : code.index("# --- end of the onnxruntime-only section")].strip()
     docs = (ROOT / "README.md").read_text()

@@ -10,15 +10,8 @@ import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import deform_conv2d
 
-from tood_yolo.head import (
-    TaskDecomposition,
-    TOODHead,
-    align_boxes,
-    deform_sampling,
-    delta2bbox,
-    modulated_deform_conv2d,
-    sigmoid_geometric_mean,
-)
+from tood_yolo.nn.head import TaskDecomposition, TOODHead
+from tood_yolo.nn.ops import align_boxes, deform_sampling, delta2bbox, modulated_deform_conv2d, sigmoid_geometric_mean
 
 torch.manual_seed(0)
 

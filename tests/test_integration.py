@@ -57,7 +57,7 @@ def test_plain_ultralytics_builds_tood_in_a_new_interpreter(offline_env, tmp_pat
         "print(m.task, type(h).__module__, type(h).__name__, [int(s) for s in h.stride])"
     )
     out = run([sys.executable, "-c", code, str(ROOT / "cfg/tood-n.yaml")], offline_env, tmp_path)
-    assert "detect tood_yolo.head TOODHead [8, 16, 32, 64, 128]" in out
+    assert "detect tood_yolo.nn.head TOODHead [8, 16, 32, 64, 128]" in out
 
 
 def test_yolo_cli_predict_val_export_and_onnx_predict(offline_env, tmp_path, shared_data):
@@ -129,7 +129,7 @@ def test_wrong_model_yaml_gives_a_clear_error(edit, match, tmp_path):
 
 
 def test_missing_backbone_weights_file_is_an_error(tmp_path):
-    from tood_yolo.backbone import ResNet
+    from tood_yolo.nn.backbone import ResNet
 
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         ResNet(18, weights=str(tmp_path / "nope.pth"))

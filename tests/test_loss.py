@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from tood_yolo.assigners import ATSSAssigner, TaskAlignedAssigner
-from tood_yolo.head import TOODHead
-from tood_yolo.loss import TOODLoss, centerness_target, focal_loss_with_prob, giou_loss, quality_focal_loss
+from tood_yolo.engine.assigners import ATSSAssigner, TaskAlignedAssigner
+from tood_yolo.nn.head import TOODHead
+from tood_yolo.engine.loss import TOODLoss, centerness_target, focal_loss_with_prob, giou_loss, quality_focal_loss
 
 torch.manual_seed(0)
 

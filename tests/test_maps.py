@@ -1,4 +1,4 @@
-"""See the alignment: TOOD's score maps, offsets and layer attention (tood_yolo.maps); COCO's AP table (.coco)."""
+"""See the alignment: TOOD's score maps, offsets and layer attention (tood_yolo.tools.maps); COCO's AP table (.coco)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from ultralytics import YOLO
 from ultralytics.data.converter import coco80_to_coco91_class
 from ultralytics.utils import ASSETS
 
-from tood_yolo import coco, maps
-from tood_yolo.synthetic import make_synthetic_dataset
+from tood_yolo.engine import validator as validation
+from tood_yolo.tools import coco, maps
+from tood_yolo.data.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGSZ = 256
@@ -119,11 +120,11 @@ def test_arrows_only_where_requested(bus_maps):
 
 def test_plain_ultralytics_model_gets_a_clear_error(tmp_path):
     yolo = YOLO("yolov8n.yaml")
-    with pytest.raises(maps.NotTOODError, match=r"TOODHead.*Detect.*python -m tood_yolo\.analysis"):
+    with pytest.raises(maps.NotTOODError, match=r"TOODHead.*Detect.*python -m tood_yolo\.tools\.analysis"):
         maps.save_alignment_maps(yolo, BUS, tmp_path)
     with pytest.raises(maps.NotTOODError, match="TOODHead"):
         maps.add_alignment_map_callback(yolo, BUS)
-    with pytest.raises(maps.NotTOODError, match="tood_yolo.analysis"):
+    with pytest.raises(maps.NotTOODError, match="tood_yolo.tools.analysis"):
         maps.main(["model=yolov8n.yaml", f"source={BUS}", f"project={tmp_path}"])
     assert not list(tmp_path.iterdir())  # nothing half-written
 
@@ -209,8 +210,8 @@ def test_coco_perfect_predictions_give_ap_1(coco8, tmp_path, capsys):
     assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0) and stats["AP75"] == 1.0
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in capsys.readouterr().out
     shifted = [{**d, "bbox": [d["bbox"][0] + d["bbox"][2] / 2, *d["bbox"][1:]]} for d in perfect]  # IoU 1/3
-    assert coco.coco_eval(coco.match_predictions(shifted, gt)[0], gt, print_fn=None)["AP"] == 0.0
-    assert coco.coco_eval([], gt, print_fn=None)["AP"] == 0.0
+    assert validation.coco_eval(coco.match_predictions(shifted, gt)[0], gt, print_fn=None)["AP"] == 0.0
+    assert validation.coco_eval([], gt, print_fn=None)["AP"] == 0.0
 
 
 @pytest.mark.slow
@@ -222,16 +223,16 @@ def test_coco_table_from_yolo_val(coco8, tmp_path, monkeypatch, capsys):
         calls.append(coco_eval(*args, **{**kwargs, "print_fn": calls.append}))
         return calls[-1]
 
-    coco_eval = coco.coco_eval
-    monkeypatch.setattr(coco, "coco_eval", spy)
+    coco_eval = validation.coco_eval
+    monkeypatch.setattr(validation, "coco_eval", spy)
     model = YOLO(str(ROOT / "cfg/tood-n.yaml"))
     args = {"model": "tood-n", "data": str(root / "data.yaml"), "imgsz": 128, "batch": 4, "device": "cpu",
             "save_json": True, "plots": False, "rect": True, "mode": "val", "task": "detect"}
-    validator = coco.TOODDetectionValidator(save_dir=tmp_path / "val", args=args)
+    validator = validation.TOODDetectionValidator(save_dir=tmp_path / "val", args=args)
     stats = validator(model=model.model)
     table, result = calls
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in table
-    assert set(result) == set(coco.COCO_STATS) and 0 <= result["AP"] < 0.05  # untrained
+    assert set(result) == set(validation.COCO_STATS) and 0 <= result["AP"] < 0.05  # untrained
     assert stats["metrics/mAP_small(B)"] == result["APs"]
     # the predictions.json it saved, scored against the 91-id instances json by the command line
     monkeypatch.undo()

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from ultralytics import YOLO
-from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.tal import dist2bbox, make_anchors
 
-from tood_yolo import recipe as recipes
-from tood_yolo.loss import THeadV8Loss, TOODLoss
-from tood_yolo.synthetic import make_synthetic_dataset
-from tood_yolo.trainer import TOODTrainer
+from tood_yolo import TOODDetectionModel
+from tood_yolo.engine import recipe as recipes
+from tood_yolo.data.synthetic import make_synthetic_dataset
+from tood_yolo.engine.loss import THeadV8Loss, TOODLoss
+from tood_yolo.engine.trainer import TOODTrainer
 
 from test_loss import BATCH, _inputs, _Model  # tests/ is on sys.path (pytest's rootdir conftest)
 
@@ -123,7 +123,7 @@ def test_ultralytics_loss_is_the_mmdet_loss_times_batch_with_calibrated_gains():
 
 def test_warmup_longer_than_the_run_is_cut_so_that_it_ends_in_tal(tiny_data, tmp_path, monkeypatch):
     warnings, phases = [], []
-    monkeypatch.setattr("tood_yolo.trainer.LOGGER.warning", lambda msg, *a, **k: warnings.append(msg))
+    monkeypatch.setattr("tood_yolo.engine.trainer.LOGGER.warning", lambda msg, *a, **k: warnings.append(msg))
     model = YOLO(str(ROOT / "cfg/tood-n.yaml"))
     model.add_callback("on_train_epoch_end", lambda t: phases.append(t.model.criterion.warmup))
     model.train(data=str(tiny_data), project=str(tmp_path), name="run", batch=8, initial_epoch=5,
@@ -136,7 +136,7 @@ def test_warmup_longer_than_the_run_is_cut_so_that_it_ends_in_tal(tiny_data, tmp
 
 def test_detect_head_outputs_decode_as_ultralytics_does_at_inference():
     """The 2x2's "Detect + TOOD loss": TOODLoss decodes Detect's DFL distributions and logits like Detect itself."""
-    model = DetectionModel(str(ROOT / "cfg/ablation-detect-n.yaml"), nc=3, verbose=False).eval()
+    model = TOODDetectionModel(str(ROOT / "cfg/ablation-detect-n.yaml"), nc=3, verbose=False).eval()
     model.args = {"recipe": "ultralytics"}
     x = torch.rand(1, 3, 128, 128)
     head = model.model[-1]

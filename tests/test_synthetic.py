@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tood_yolo import synthetic
-from tood_yolo.synthetic import (
+from tood_yolo.data import synthetic
+from tood_yolo.data.synthetic import (
     CLASS_NAMES,
     MANIFEST,
     MAX_OBJECTS,

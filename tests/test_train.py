@@ -13,9 +13,9 @@ import pytest
 import torch
 from ultralytics import YOLO
 
-from tood_yolo.synthetic import make_synthetic_dataset
-from tood_yolo.recipe import RECIPES
-from tood_yolo.trainer import TOODTrainer
+from tood_yolo.data.synthetic import make_synthetic_dataset
+from tood_yolo.engine.recipe import RECIPES
+from tood_yolo.engine.trainer import TOODTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # the mmdet recipe (no mosaic): loss curves of a few tiny epochs that can be compared

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ultralytics.nn.tasks import DetectionModel
+from tood_yolo import TOODDetectionModel
 
-from tood_yolo.head import TOODHead
+from tood_yolo.nn.head import TOODHead
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / "data" / "thead_fpn_reference.npz"
@@ -29,12 +29,12 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.ndim > 1 else 0.5))
 
 
-def _model(widths: list[int], head_args: list, nc: int = 3) -> DetectionModel:
+def _model(widths: list[int], head_args: list, nc: int = 3) -> TOODDetectionModel:
     """A small backbone of stride-2 convs with levels of the given (unequal) widths from P3 on, then a T-head."""
     backbone = [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [8, 3, 2]]]  # P1, P2
     backbone += [[-1, 1, "Conv", [w, 3, 2]] for w in widths]  # P3, P4, ...
     head = [[list(range(2, 2 + len(widths))), 1, "TOODHead", ["nc", *head_args]]]
-    return DetectionModel({"nc": nc, "backbone": backbone, "head": head}, ch=3, nc=nc, verbose=False)
+    return TOODDetectionModel({"nc": nc, "backbone": backbone, "head": head}, ch=3, nc=nc, verbose=False)
 
 
 @pytest.mark.parametrize("case", FPN_CASES)
@@ -171,7 +171,7 @@ def test_twin_config_is_ultralytics_model_with_only_the_head_swapped(name):
     assert (f, n, module, detect[2]) == (detect[0], 1, "TOODHead", "Detect")
     assert ours["recipe"] == "ultralytics"
 
-    model = DetectionModel(ours, verbose=False)
+    model = TOODDetectionModel(ours, verbose=False)
     twin, _ = parse_model({**theirs, "scale": scale}, ch=3, verbose=False)  # Ultralytics' layers (no stride pass)
     assert isinstance(model.model[-1], TOODHead) and model.model[-1].f == twin[-1].f
     assert model.stride.tolist() == [8, 16, 32]
@@ -189,7 +189,7 @@ def test_yolo11n_tood_trains_validates_and_exports_at_320(tmp_path):
     import onnxruntime as ort
     from ultralytics import YOLO
 
-    from tood_yolo.synthetic import make_synthetic_dataset
+    from tood_yolo.data.synthetic import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "syn", n_train=8, n_val=4, imgsz=320)
     model = YOLO(str(ROOT / "cfg" / "yolo11n-tood.yaml"))

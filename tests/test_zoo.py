@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.detection._utils import BoxCoder
 
-from tood_yolo.backbone import ResNet
-from tood_yolo.convert import mmdet_key_map
-from tood_yolo.head import ModulatedDeformConv, TOODHead, delta2bbox
+from tood_yolo.nn.backbone import ResNet
+from tood_yolo.tools.convert import mmdet_key_map
+from tood_yolo.nn.head import TOODHead
+from tood_yolo.nn.ops import ModulatedDeformConv, delta2bbox
 
 from test_convert import mmdet_tood_keys
 

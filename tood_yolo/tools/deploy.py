@@ -224,7 +224,7 @@ class _SkippingCapture:
 _LOADER_CLASS = None
 
 
-def _loader_class():
+def skipping_loader_class():
     """The `LoadImagesAndVideos` subclass with skipping captures (built on first use: Ultralytics imports torch)."""
     global _LOADER_CLASS
     if _LOADER_CLASS is None:
@@ -249,7 +249,7 @@ def video_loader(source, batch: int = 1, vid_stride: int = 1, channels: int = 3)
     """
     from ultralytics.data.build import SourceTypes
 
-    loader = _loader_class()(source, batch=batch, vid_stride=vid_stride, channels=channels)
+    loader = skipping_loader_class()(source, batch=batch, vid_stride=vid_stride, channels=channels)
     loader.source_type = SourceTypes(stream=False, screenshot=False, from_img=False, tensor=False)
     return loader
 

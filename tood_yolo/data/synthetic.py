@@ -14,7 +14,7 @@ outside its label box. Every image comes from its own generator seeded by (seed,
 reproducible and a larger one starts with the images of a smaller one.
 
 Usage:
-    python -m tood_yolo.synthetic [root] [n_train=256] [n_val=64] [imgsz=320] [seed=0] [overwrite=False]
+    python -m tood_yolo.data.synthetic [root] [n_train=256] [n_val=64] [imgsz=320] [seed=0] [overwrite=False]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`TOODTrainer`: Ultralytics' DetectionTrainer with TOOD's recipes (`tood_yolo.recipe`) and the loss epoch wired in."""
+"""`TOODTrainer`: Ultralytics' DetectionTrainer with TOOD's recipes (`tood_yolo.engine.recipe`) and the loss epoch wired in."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from copy import copy
 from torch import optim
 from ultralytics.cfg import DEFAULT_CFG, DEFAULT_CFG_DICT
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import LOGGER
+from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from .amp import own_amp_check
-from .coco import TOODDetectionValidator
+from ..nn.model import TOODDetectionModel
+from .validator import TOODDetectionValidator
 from .loss import TOODLoss
 from .recipe import RECIPES, LossScale, check_recipe, initial_epoch_of, model_yaml_of, recipe_of
 
@@ -54,7 +54,7 @@ class TOODTrainer(DetectionTrainer):
     """Train TOOD models through Ultralytics' trainer with one of TOOD's recipes.
 
     The recipe is the `recipe=` argument, else the model YAML's `recipe:`, else `mmdet` for ResNet backbones and
-    `ultralytics` otherwise (`tood_yolo.recipe`). Every Ultralytics argument overrides the recipe's values.
+    `ultralytics` otherwise (`tood_yolo.engine.recipe`). Every Ultralytics argument overrides the recipe's values.
 
     `mmdet` (the reference's 1x recipe): SGD lr 0.01 without Nesterov, momentum 0.9, weight decay 1e-4 on every
     parameter, linear warm-up over 500 iterations (while `warmup_epochs` keeps its default), lr steps x0.1 at 8/12 and
@@ -81,9 +81,19 @@ class TOODTrainer(DetectionTrainer):
             if callback not in self.callbacks[event]:  # DDP workers get the callbacks pickled
                 self.add_callback(event, callback)
 
+    def get_model(self, cfg: str | dict | None = None, weights=None, verbose: bool = True) -> TOODDetectionModel:
+        """`DetectionTrainer.get_model` with TOOD's model class, which builds TOOD's modules and picks TOOD's loss."""
+        model = TOODDetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
+        model = self.set_model_names_for_load(model)
+        if weights:
+            model.load(weights)
+        return model
+
     def _setup_train(self) -> None:
-        """Ultralytics' set-up with TOOD's AMP check on the model itself (`tood_yolo.amp`): no yolo26n.pt download."""
-        with own_amp_check():
+        """Ultralytics' set-up with TOOD's AMP check on the model itself (`tood_yolo.engine.amp`): no yolo26n.pt download."""
+        from ..register import check_amp_replaced  # the module that replaces Ultralytics' names, and imports this one
+
+        with check_amp_replaced():
             super()._setup_train()
 
     def _build_train_pipeline(self) -> None:

@@ -1,4 +1,5 @@
-"""COCO's official box AP table (pycocotools) for `yolo val ... save_json=True`, offline.
+"""`TOODDetectionValidator`: Ultralytics' detection validator with NMS free of its time limit, a class-name check,
+and COCO's official box AP table (pycocotools) for `save_json=True`, offline.
 
 What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_json` / `coco_evaluate`):
 
@@ -14,35 +15,25 @@ What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_js
 
 `TOODDetectionValidator` is that validator with `coco_evaluate` done by pycocotools (the official implementation):
 the 12-number AP/AR table is printed after Ultralytics' own metrics, and the stats get the same keys faster-coco-eval
-would have filled (`metrics/mAP_small(B)` etc.; on COCO/LVIS also mAP50, mAP50-95 and fitness). The command line
-scores an existing predictions.json against any COCO annotation file:
-
-    $ python -m tood_yolo.coco predictions=runs/detect/val/predictions.json annotations=instances_val2017.json
-
-Ultralytics writes image ids as the file stem (an int when numeric) and category ids as class index + 1 (COCO's 91
-ids only for COCO val2017 itself). Images are matched by id, else by file name; categories by id when every
-predicted id is a category of the annotation file, else class index + 1 -> the annotation file's i-th category in
-sorted order (COCO's 80 of 91 ids for a COCO-class model). `classmap=index|none` forces either.
+would have filled (`metrics/mAP_small(B)` etc.; on COCO/LVIS also mAP50, mAP50-95 and fitness). `python -m tood_yolo.tools.coco` scores a saved
+predictions.json against any COCO annotation file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import io
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from ultralytics.models.yolo.detect import DetectionValidator
-from ultralytics.utils import LOGGER
+from ultralytics.utils import LOGGER, nms
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-__all__ = ("TOODDetectionValidator", "coco_eval", "match_predictions", "main")
 
 
 def read_json(path: str | Path) -> Any:
@@ -126,23 +117,6 @@ def coco_eval(
     return {k: float(v) for k, v in zip(COCO_STATS, ev.stats)}
 
 
-@contextlib.contextmanager
-def no_nms_time_limit():
-    """Run Ultralytics' NMS without its time limit (2 s + 0.05 s per image) for the duration of the block.
-
-    Past the limit Ultralytics only warns and gives the rest of the batch no detections, so on a slow or busy CPU the
-    mAP of a weakly trained model (every score above conf=0.001 early in TOOD training) would depend on the load.
-    """
-    from ultralytics.utils import nms
-
-    original = nms.non_max_suppression
-    nms.non_max_suppression = functools.partial(original, max_time_img=math.inf)
-    try:
-        yield
-    finally:
-        nms.non_max_suppression = original
-
-
 class TOODDetectionValidator(DetectionValidator):
     """Ultralytics' DetectionValidator whose `save_json=True` COCO evaluation runs pycocotools (offline), and whose NMS
     has no time limit.
@@ -163,10 +137,27 @@ class TOODDetectionValidator(DetectionValidator):
                 f"was trained for"
             )
 
-    def postprocess(self, preds):
-        """Ultralytics' NMS, without the time limit that truncates results on a busy CPU (see `no_nms_time_limit`)."""
-        with no_nms_time_limit():
-            return super().postprocess(preds)
+    def postprocess(self, preds: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """`DetectionValidator.postprocess` (its NMS call, argument for argument) without NMS's time limit.
+
+        Past the limit (2 s + 0.05 s per image) Ultralytics only warns and gives the rest of the batch no detections,
+        so on a slow or busy CPU the mAP of a weakly trained model (every score above conf=0.001 early in TOOD training)
+        would depend on the load. The limit is an argument of `non_max_suppression` that the validator leaves at its
+        default: overriding the call lifts it for this validator alone (other models and threads keep it).
+        """
+        outputs = nms.non_max_suppression(
+            preds,
+            self.args.conf,
+            self.args.iou,
+            nc=0 if self.args.task == "detect" else self.nc,
+            multi_label=True,
+            agnostic=self.args.single_cls or self.args.agnostic_nms,
+            max_det=self.args.max_det,
+            end2end=self.end2end,
+            rotated=self.args.task == "obb",
+            max_time_img=math.inf,
+        )
+        return [{"bboxes": x[:, :4], "conf": x[:, 4], "cls": x[:, 5], "extra": x[:, 6:]} for x in outputs]
 
     def coco_evaluate(
         self,
@@ -209,80 +200,3 @@ class TOODDetectionValidator(DetectionValidator):
         except Exception as e:
             LOGGER.warning(f"pycocotools unable to run: {e}")
         return stats
-
-
-def match_predictions(
-    predictions: list[dict], gt: dict, classmap: str = "auto"
-) -> tuple[list[dict], dict[str, int]]:
-    """Map a predictions.json of `yolo val` onto a COCO annotation dict: image ids (by id, else file name) and
-    category ids (`classmap`: "auto", "index" = class index + 1 -> i-th sorted category id, or "none").
-
-    Returns the mapped detections and counts of what was left out (`unknown_image`, `unknown_category`).
-    """
-    if classmap not in {"auto", "index", "none"}:
-        raise ValueError(f"classmap must be auto, index or none, got {classmap!r}")
-    ids = {img["id"] for img in gt.get("images", [])}
-    by_file = {Path(str(img["file_name"])).name: img["id"] for img in gt.get("images", []) if "file_name" in img}
-    by_stem = {Path(str(img["file_name"])).stem: img["id"] for img in gt.get("images", []) if "file_name" in img}
-    cats = sorted(c["id"] for c in gt.get("categories", []))
-    pred_cats = {d["category_id"] for d in predictions}
-    if classmap == "auto":
-        if pred_cats <= set(cats):
-            classmap = "none"
-            if cats != list(range(1, len(cats) + 1)) and pred_cats <= set(range(1, len(cats) + 1)):
-                LOGGER.warning(
-                    "predicted category ids fit both the annotation ids and class index + 1: taken as annotation ids "
-                    "(pass classmap=index if the predictions come from a non-COCO-val2017 `yolo val`)"
-                )
-        elif pred_cats <= set(range(1, len(cats) + 1)):
-            classmap = "index"
-        else:
-            raise ValueError(
-                f"predicted category ids {sorted(pred_cats - set(cats))[:10]} are neither categories of the annotation "
-                f"file nor class indices + 1 of its {len(cats)} categories"
-            )
-    out, left = [], {"unknown_image": 0, "unknown_category": 0}
-    for d in predictions:
-        image_id = d["image_id"]
-        if image_id not in ids:
-            name = Path(str(d.get("file_name", ""))).name
-            image_id = by_file.get(name, by_stem.get(str(d["image_id"])))
-        if image_id is None:
-            left["unknown_image"] += 1
-            continue
-        c = d["category_id"]
-        if classmap == "index":
-            c = cats[c - 1] if 1 <= c <= len(cats) else None
-        if c is None or c not in cats:
-            left["unknown_category"] += 1
-            continue
-        out.append({**d, "image_id": image_id, "category_id": c})
-    return out, left
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """`python -m tood_yolo.coco predictions=... annotations=... [classmap=auto|index|none]`: print COCO's table."""
-    args = {"classmap": "auto"}
-    for a in sys.argv[1:] if argv is None else argv:
-        k, sep, v = a.partition("=")
-        if not sep or k not in {"predictions", "annotations", "classmap"}:
-            raise SyntaxError(f"'{a}': use predictions=<predictions.json> annotations=<instances.json> "
-                              f"[classmap=auto|index|none]")
-        args[k] = v
-    if "predictions" not in args or "annotations" not in args:
-        raise SyntaxError("give predictions=<predictions.json of yolo val save_json=True> annotations=<COCO json>")
-    gt = read_json(args["annotations"])
-    dets, left = match_predictions(read_json(args["predictions"]), gt, args["classmap"])
-    for k, n in left.items():
-        if n:
-            LOGGER.warning(f"{n} detections left out: {k.replace('_', ' ')} in {args['annotations']}")
-    print(f"{args['predictions']}: {len(dets)} detections; {args['annotations']}: {len(gt.get('images', []))} images, "
-          f"{len(gt.get('annotations', []))} instances")
-    return coco_eval(dets, gt, print_fn=print)
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (SyntaxError, ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")

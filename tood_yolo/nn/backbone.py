@@ -11,7 +11,7 @@ from torchvision.models import get_model_weights
 from torchvision.models import resnet as tv_resnet
 from ultralytics.utils import LOGGER
 
-from .head import ModulatedDeformConv
+from .ops import ModulatedDeformConv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # mmdet's (123.675, 116.28, 103.53) / 255, RGB
 IMAGENET_STD = (0.229, 0.224, 0.225)  # mmdet's (58.395, 57.12, 57.375) / 255

@@ -13,14 +13,14 @@ T-head and the head level by level (`TOODHead.forward_level`), and draws:
 - `montage.png` (every heatmap in one figure with a colour bar) and `index.html`, a page with relative links.
 
 Images are drawn on the letterboxed network input, so every overlay has its size. The raw maps are saved in
-`maps.npz` too. Plain Ultralytics heads have no M, O or layer attention: `python -m tood_yolo.analysis` measures the
+`maps.npz` too. Plain Ultralytics heads have no M, O or layer attention: `python -m tood_yolo.tools.analysis` measures the
 alignment of any detection model instead.
 
 Usage:
-    $ python -m tood_yolo.maps model=runs/detect/train/weights/best.pt source=image.jpg
-    $ python -m tood_yolo.maps model=cfg/tood-n.yaml source=bus.jpg imgsz=640 topk=20 cls=top project=runs/maps name=bus
+    $ python -m tood_yolo.tools.maps model=runs/detect/train/weights/best.pt source=image.jpg
+    $ python -m tood_yolo.tools.maps model=cfg/tood-n.yaml source=bus.jpg imgsz=640 topk=20 cls=top project=runs/maps name=bus
 
-    >>> from tood_yolo.maps import save_alignment_maps, add_alignment_map_callback
+    >>> from tood_yolo.tools.maps import save_alignment_maps, add_alignment_map_callback
     >>> html = save_alignment_maps("best.pt", "image.jpg", "runs/maps/x", topk=20)
     >>> model = YOLO("cfg/tood-n.yaml")
     >>> add_alignment_map_callback(model, "image.jpg", every=5)  # runs/detect/train/alignment_maps/epoch_5/...
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .head import TOODHead
+from ..nn.head import TOODHead
 
 __all__ = (
     "AlignmentMaps",
@@ -127,7 +127,7 @@ def _not_tood_message(what: str, head: nn.Module) -> str:
     return (
         f"alignment maps need a TOODHead (TOOD's M, O and layer attention), but {what} ends in "
         f"{type(head).__name__}. For any Ultralytics detection model, measure the alignment with TOOD's study "
-        f"instead: python -m tood_yolo.analysis model=<weights> data=<data.yaml>"
+        f"instead: python -m tood_yolo.tools.analysis model=<weights> data=<data.yaml>"
     )
 
 
@@ -149,7 +149,7 @@ def tood_model(model: Any) -> nn.Module:
     if not isinstance(layers, nn.Sequential) or not len(layers):
         raise NotTOODError(
             f"alignment maps need a PyTorch TOOD model (a TOODHead); got {what} ({type(model).__name__}). "
-            f"For exported or other models use: python -m tood_yolo.analysis model=<weights> data=<data.yaml>"
+            f"For exported or other models use: python -m tood_yolo.tools.analysis model=<weights> data=<data.yaml>"
         )
     if not isinstance(layers[-1], TOODHead):
         raise NotTOODError(_not_tood_message(what, layers[-1]))
@@ -233,7 +233,7 @@ def compute_alignment_maps(
     cls = _resolve_class(cls, names)
     strides = [int(s) for s in head.stride.tolist()]
     if not all(strides):
-        raise ValueError("the TOOD head has no strides yet (build the model with Ultralytics' DetectionModel)")
+        raise ValueError("the TOOD head has no strides yet (build the model with TOODDetectionModel)")
     im0 = _read_image(image)
     im = letterbox(im0, imgsz, max(strides), rect)
     p = next(dm.parameters())
@@ -739,7 +739,7 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
 
     args = parse_tool_args(argv, CLI_DEFAULTS)
     if not args["model"] or not args["source"]:
-        raise SyntaxError("usage: python -m tood_yolo.maps model=<tood .pt or .yaml> source=<image> [imgsz=640 "
+        raise SyntaxError("usage: python -m tood_yolo.tools.maps model=<tood .pt or .yaml> source=<image> [imgsz=640 "
                           "topk=20 conf=0.0 cls=max|top|<class> arrow_scale=1 project=runs/maps name=maps]")
     return args
 

@@ -1,6 +1,6 @@
 """Bad inputs that Ultralytics reads without saying what is wrong: label rows, a missing labels folder, video frames.
 
-`register()` applies these to Ultralytics (idempotent):
+`tood_yolo.register` puts these in place of Ultralytics' own:
 
 - label rows: a row with the wrong number of values (numpy's "inhomogeneous shape" when other rows have 5) or a
   `nan`/`inf` value (reported as an empty list of out-of-bounds coordinates) makes Ultralytics skip the image with an
@@ -10,19 +10,17 @@
   `get_label_files` says "no labels folder at ..." (an error for a training set, a warning for validation, as
   Ultralytics treats unlabelled validation sets);
 - damaged video frames: `yolo predict` ends a video at the first frame FFmpeg cannot decode. Its loader becomes
-  `tood_yolo.deploy`'s, which skips and logs such frames, as `predict.py` does.
+  `tood_yolo.tools.deploy.skipping_loader_class()`, which skips and logs such frames, as `predict.py` does.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
-from ultralytics.data import build, dataset
 from ultralytics.utils import LOGGER
 
-_ULTRALYTICS_VERIFY = dataset.verify_image_label
-_ULTRALYTICS_GET_LABEL_FILES = dataset.YOLODataset.get_label_files
 BOX_COLUMNS = 5  # class x_center y_center width height
 
 
@@ -54,34 +52,35 @@ def label_row_error(lb_file: str, keypoint: bool, kpt_values: int = 0) -> str | 
     return None
 
 
-def verify_image_label(args: tuple) -> tuple | list:
+def verify_labels(verify_image_label):
     """Ultralytics' `verify_image_label` (same arguments and result) that names a bad label row first."""
-    im_file, lb_file, prefix, keypoint, _, nkpt, ndim = args[:7]
-    error = label_row_error(lb_file, keypoint, nkpt * ndim)
-    if error is None:
-        return _ULTRALYTICS_VERIFY(args)
-    # Ultralytics' result for a corrupt pair: nothing kept, counted as found (nf) and corrupt (nc)
-    return [None, None, None, None, None, 0, 1, 0, 1, f"{prefix}{im_file}: ignoring corrupt image/label: {error}"]
+
+    @functools.wraps(verify_image_label)
+    def verify(args: tuple) -> tuple | list:
+        im_file, lb_file, prefix, keypoint, _, nkpt, ndim = args[:7]
+        error = label_row_error(lb_file, keypoint, nkpt * ndim)
+        if error is None:
+            return verify_image_label(args)
+        # Ultralytics' result for a corrupt pair: nothing kept, counted as found (nf) and corrupt (nc)
+        return [None, None, None, None, None, 0, 1, 0, 1, f"{prefix}{im_file}: ignoring corrupt image/label: {error}"]
+
+    return verify
 
 
-def get_label_files(self) -> list[str]:
+def get_label_files(get_label_files_of):
     """`YOLODataset.get_label_files` that says so when the labels folder of the images does not exist."""
-    files = _ULTRALYTICS_GET_LABEL_FILES(self)
-    folders = sorted({str(Path(f).parent) for f in files})
-    if files and not any(Path(d).is_dir() for d in folders):
-        more = f" (and {len(folders) - 1} more)" if len(folders) > 1 else ""
-        msg = (f"{self.prefix}no labels folder at {folders[0]}{more}: labels are read from the 'labels' folder beside "
-               f"'images', one <image name>.txt per image")
-        if self.augment:  # training needs labels; Ultralytics also only warns for unlabelled validation sets
-            raise FileNotFoundError(msg)
-        LOGGER.warning(msg)
-    return files
 
+    @functools.wraps(get_label_files_of)
+    def get_label_files(self) -> list[str]:
+        files = get_label_files_of(self)
+        folders = sorted({str(Path(f).parent) for f in files})
+        if files and not any(Path(d).is_dir() for d in folders):
+            more = f" (and {len(folders) - 1} more)" if len(folders) > 1 else ""
+            msg = (f"{self.prefix}no labels folder at {folders[0]}{more}: labels are read from the 'labels' folder "
+                   f"beside 'images', one <image name>.txt per image")
+            if self.augment:  # training needs labels; Ultralytics also only warns for unlabelled validation sets
+                raise FileNotFoundError(msg)
+            LOGGER.warning(msg)
+        return files
 
-def register() -> None:
-    """Apply the checks above to Ultralytics' datasets and predict loader."""
-    from .deploy import _loader_class
-
-    dataset.verify_image_label = verify_image_label  # YOLODataset.verify_args reads the module global
-    dataset.YOLODataset.get_label_files = get_label_files
-    build.LoadImagesAndVideos = _loader_class()  # load_inference_source builds the predict loader from this name
+    return get_label_files

@@ -13,7 +13,7 @@ from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.tal import make_anchors
 
 from .assigners import ATSSAssigner, TaskAlignedAssigner
-from .head import TOODHead
+from ..nn.head import TOODHead
 from .recipe import LossScale, arg, check_recipe, initial_epoch_of, recipe_of
 
 
@@ -89,7 +89,7 @@ class TOODLoss:
 
     Epochs < `initial_epoch`: ATSS targets, focal loss on hard labels / number of positives and centreness-weighted GIoU
     / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft label and t_hat-weighted
-    GIoU, both / max(sum of t_hat, 1). DDP training steps all-reduce the factors. The recipe (`tood_yolo.recipe`)
+    GIoU, both / max(sum of t_hat, 1). DDP training steps all-reduce the factors. The recipe (`tood_yolo.engine.recipe`)
     decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=` gains, calibrated, under
     ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up come from the trainer's
     arguments, which Ultralytics attaches to the model as `model.args`, else from the model YAML. Set `epoch` (a

@@ -4,12 +4,13 @@ Ultralytics 8.4.190 reads YOLO_OFFLINE only for its connectivity flag (telemetry
 missing weights file up among GitHub's release assets (`attempt_download_asset`: api.github.com, then github.com),
 downloads a dataset whose images are missing (`data=coco8.yaml` is a YAML inside Ultralytics whose images are fetched
 on first use), fetches a font for its plots, and, for a file Pillow cannot identify, tries pi-heif (a pip install
-when allowed) in case it is a HEIF image. With YOLO_OFFLINE set, `register()` applies these guards instead:
+when allowed) in case it is a HEIF image. With YOLO_OFFLINE set, `tood_yolo.register` puts these in their place:
 
 - `ensure_offline_font`: a local font for the plots;
-- `guard_downloads`: a weights file given by name that is neither on disk nor in Ultralytics' weights_dir is a
-  `FileNotFoundError` at once; without pi-heif, an unreadable image keeps Pillow's "cannot identify image file";
-- `guard_datasets`: a dataset that is not on disk is a `FileNotFoundError` that says so (nothing is downloaded).
+- `local_asset`: a weights file given by name that is neither on disk nor in Ultralytics' weights_dir is a
+  `FileNotFoundError` at once; without pi-heif (`without_heif`), an unreadable image keeps Pillow's "cannot identify
+  image file";
+- `local_dataset`: a dataset that is not on disk is a `FileNotFoundError` that says so (nothing is downloaded).
 
 A URL the user gives (`source=`, `model=`, `data=https://...`) is a request for the network and is still fetched.
 """
@@ -29,52 +30,44 @@ def is_offline() -> bool:
     return env_bool("YOLO_OFFLINE")
 
 
-def guard_downloads() -> None:
-    """Look weights given by name up on disk only; keep Pillow's error for unreadable images (once, from register)."""
-    from PIL import Image
-    from ultralytics.utils import SETTINGS, downloads, patches
+def local_asset(attempt_download_asset):
+    """Ultralytics' `attempt_download_asset` for weights given by name: on disk (as given, or in Ultralytics'
+    weights_dir) or a `FileNotFoundError` at once. A URL is the user's request for a download and is still fetched."""
+    from ultralytics.utils import SETTINGS
     from ultralytics.utils.checks import check_yolov5u_filename
 
-    attempt_download_asset = downloads.attempt_download_asset
-
     @functools.wraps(attempt_download_asset)
-    def local_asset(file, *args, **kwargs) -> str:
+    def local(file, *args, **kwargs) -> str:
         if str(file).lower().startswith(("http:/", "https:/")):
-            return attempt_download_asset(file, *args, **kwargs)  # a URL: the user asked for a download
+            return attempt_download_asset(file, *args, **kwargs)
         path = Path(check_yolov5u_filename(str(file).strip().replace("'", "")))
         for p in (path, Path(SETTINGS["weights_dir"]) / path):
             if p.is_file():
                 return str(p)
         raise FileNotFoundError(f"weights file {file} not found (offline: nothing is downloaded)")
 
-    downloads.attempt_download_asset = local_asset  # tasks.torch_safe_load imports it at each call
-    if importlib.util.find_spec("pi_heif") is None:
-        Image.open = patches._image_open  # Pillow's own, without Ultralytics' pi-heif fallback
+    return local
 
 
-def guard_datasets() -> None:
-    """`check_det_dataset` that never downloads and says so when a dataset is not on disk (once, from register).
+def without_heif() -> bool:
+    """Whether pi-heif is missing, so that Ultralytics' HEIF fallback for an unreadable image would pip-install it."""
+    return importlib.util.find_spec("pi_heif") is None
 
-    Replaced in `ultralytics.data.utils`, which modules imported later read, and in the trainer and validator, which
-    imported it by name already.
-    """
-    from ultralytics.data import utils as data_utils
-    from ultralytics.engine import trainer, validator
 
-    original = data_utils.check_det_dataset
+def local_dataset(check_det_dataset):
+    """Ultralytics' `check_det_dataset` that never downloads and says so when a dataset is not on disk."""
 
-    @functools.wraps(original)
+    @functools.wraps(check_det_dataset)
     def check_local_dataset(dataset, autodownload: bool = True, split: str = ""):
         try:
-            return original(dataset, autodownload=False, split=split)
+            return check_det_dataset(dataset, autodownload=False, split=split)
         except FileNotFoundError as e:
             raise FileNotFoundError(
                 f"dataset {dataset} not found locally (offline: nothing is downloaded); pass data=path/to/data.yaml "
                 f"of a dataset on disk.\n{e}"
             ) from e
 
-    for module in (data_utils, trainer, validator):
-        module.check_det_dataset = check_local_dataset
+    return check_local_dataset
 
 
 def ensure_offline_font() -> None:

@@ -1,10 +1,10 @@
 """Convert an mmdetection TOOD checkpoint into an Ultralytics checkpoint.
 
 Usage:
-    python -m tood_yolo.convert tood_r50_fpn_1x_coco.pth tood-r50.pt --cfg cfg/tood-r50.yaml [--half]
+    python -m tood_yolo.tools.convert tood_r50_fpn_1x_coco.pth tood-r50.pt --cfg cfg/tood-r50.yaml [--half]
 
 The result loads wherever this package is installed: `yolo val model=tood-r50.pt`, `yolo predict`, `yolo export`,
-`ultralytics.YOLO("tood-r50.pt")`. For the paper's COCO protocol use `python -m tood_yolo.evaluate` (800x1333
+`ultralytics.YOLO("tood-r50.pt")`. For the paper's COCO protocol use `python -m tood_yolo.tools.evaluate` (800x1333
 keep-ratio input, mmdet's test settings).
 
 Which YAML for which reference checkpoint (mmdet 3.x names; mmdet 2.x / fcjian/TOOD spell them with underscores):
@@ -60,12 +60,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import ResNet  # importing the package registers TOOD's YAML modules with Ultralytics
-from .head import ModulatedDeformConv, TOODHead
-from .neck import FPN
+from ..nn.backbone import ResNet  # importing the package registers TOOD's YAML modules with Ultralytics
+from ..nn.head import TOODHead
+from ..nn.neck import FPN
+from ..nn.ops import ModulatedDeformConv
 
 # The repository's model YAMLs (an editable install or a checkout; a wheel carries no cfg/, hence --cfg)
-DEFAULT_CFG = Path(__file__).resolve().parents[1] / "cfg" / "tood-r50.yaml"
+DEFAULT_CFG = Path(__file__).resolve().parents[2] / "cfg" / "tood-r50.yaml"
 ROLES = ((ResNet, "backbone"), (FPN, "neck"), (TOODHead, "bbox_head"))
 AUTHOR_ALIASES = (  # fcjian/TOOD key pattern -> mmdet's
     (r"^bbox_head\.(cls|reg)_decomp\.la_conv1\.", r"bbox_head.\1_decomp.layer_attention.0."),
@@ -75,7 +76,7 @@ AUTHOR_ALIASES = (  # fcjian/TOOD key pattern -> mmdet's
 )
 # The imgsz stored in the checkpoint (what `yolo predict/val` use unless told otherwise): a multiple of the largest
 # stride (128), which Ultralytics requires, that letterboxes a 640x480 COCO image to 1024x768, close to the reference's
-# 1067x800. The paper's protocol itself: tood_yolo.evaluate.
+# 1067x800. The paper's protocol itself: tood_yolo.tools.evaluate.
 PREDICT_IMGSZ = 1024
 
 
@@ -262,7 +263,7 @@ def load_mmdet_checkpoint(checkpoint: str | Path | dict, cfg: str | Path | dict 
         ValueError: naming every checkpoint key the model does not use, every model key the checkpoint lacks, and every
             tensor whose shape differs; or when the architecture is not ResNet + FPN + TOODHead.
     """
-    from ultralytics.nn.tasks import DetectionModel
+    from ..nn.model import TOODDetectionModel
 
     state, meta = read_mmdet_checkpoint(checkpoint)
     nc = state["bbox_head.tood_cls.weight"].shape[0] if "bbox_head.tood_cls.weight" in state else None
@@ -270,7 +271,7 @@ def load_mmdet_checkpoint(checkpoint: str | Path | dict, cfg: str | Path | dict 
         model = cfg
     else:
         d = _model_yaml(cfg)
-        model = DetectionModel(d, nc=nc if nc is not None and nc != d.get("nc") else None, verbose=False)
+        model = TOODDetectionModel(d, nc=nc if nc is not None and nc != d.get("nc") else None, verbose=False)
     mapping = mmdet_key_map(model)
     _check_anchor_type(meta, _tood_parts(model)["bbox_head"][1])
 
@@ -357,7 +358,7 @@ def convert(src: str | Path, dst: str | Path, cfg: str | Path = DEFAULT_CFG, hal
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
-        prog="python -m tood_yolo.convert", description="Convert an mmdetection TOOD checkpoint to Ultralytics."
+        prog="python -m tood_yolo.tools.convert", description="Convert an mmdetection TOOD checkpoint to Ultralytics."
     )
     parser.add_argument("src", help="mmdet checkpoint (.pth), e.g. tood_r50_fpn_1x_coco_20211210_103425-20e20746.pth")
     parser.add_argument("dst", help="Ultralytics checkpoint to write (.pt)")

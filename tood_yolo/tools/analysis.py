@@ -33,8 +33,8 @@ Rules where the paper is silent (fixed here so that numbers are comparable betwe
   predictions.json of the same val run.
 
 Usage:
-    $ python -m tood_yolo.analysis model=yolov8n.pt,tood-s.pt data=coco8.yaml split=val imgsz=640
-    $ python -m tood_yolo.analysis predictions=runs/detect/val/predictions.json annotations=instances_val2017.json
+    $ python -m tood_yolo.tools.analysis model=yolov8n.pt,tood-s.pt data=coco8.yaml split=val imgsz=640
+    $ python -m tood_yolo.tools.analysis predictions=runs/detect/val/predictions.json annotations=instances_val2017.json
 """
 
 from __future__ import annotations
@@ -52,14 +52,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER
 from ultralytics.utils.files import increment_path
 from ultralytics.utils.metrics import box_iou
 from ultralytics.utils.ops import ltwh2xyxy, scale_boxes, xywh2xyxy
 
 from .cli import parse_tool_args
-from .coco import no_nms_time_limit, read_json
+from ..engine.validator import TOODDetectionValidator, read_json
 
 __all__ = (
     "AlignmentStats",
@@ -315,7 +314,7 @@ class AlignmentStats:
         }
 
 
-class AlignmentValidator(DetectionValidator):
+class AlignmentValidator(TOODDetectionValidator):
     """DetectionValidator that also measures score-IoU alignment, before NMS from the raw head output and after NMS.
 
     Ultralytics' own dataloader, letterbox, NMS and metrics run unchanged; `postprocess` keeps the raw (B, 4 + nc, A)
@@ -342,7 +341,7 @@ class AlignmentValidator(DetectionValidator):
         self.alignment = AlignmentStats()
 
     def postprocess(self, preds: torch.Tensor | tuple) -> list[dict[str, torch.Tensor]]:
-        """Keep the raw pre-NMS output (B, 4 + nc, A), then apply Ultralytics' NMS."""
+        """Keep the raw pre-NMS output (B, 4 + nc, A), then apply NMS as `TOODDetectionValidator`."""
         raw = preds[0] if isinstance(preds, (list, tuple)) else preds
         if not isinstance(raw, torch.Tensor) or raw.ndim != 3 or raw.shape[1] < 4 + self.nc:
             raise TypeError(
@@ -350,8 +349,7 @@ class AlignmentValidator(DetectionValidator):
                 f"{getattr(raw, 'shape', type(raw))}; end-to-end (NMS-free) outputs cannot be studied"
             )
         self.raw = raw[:, : 4 + self.nc]
-        with no_nms_time_limit():  # the post-NMS counts must not depend on how busy the CPU is
-            return super().postprocess(preds)
+        return super().postprocess(preds)  # NMS without its time limit: counts must not depend on the CPU's load
 
     def update_metrics(self, preds: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
         """Measure each image's alignment, then update the usual metrics."""

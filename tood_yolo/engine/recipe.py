@@ -53,6 +53,8 @@ RECIPES: dict[str, dict] = {
     },
     "ultralytics": {},  # Ultralytics' defaults, untouched
 }
+# Arguments TOOD adds to Ultralytics' (None: decided by the model YAML and the recipe), e.g. `yolo train recipe=mmdet`
+TOOD_ARGS = {"recipe": None, "initial_epoch": None}
 # Epochs of ATSS warm-up before task alignment learning (`initial_epoch`, mmdet's name), per recipe. mmdet: the
 # reference's 4 of 12. ultralytics: kept at 4 after 0 / 4 / 8 were measured on bccd val (README, "Ablation"); for scale,
 # YOLOv6 v1/v2 use 4 of 300-400 epochs (0 in v3), PP-YOLOE 100 of 300 and PP-YOLOE+ 30 of 80 (static_assigner_epoch).

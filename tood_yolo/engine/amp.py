@@ -2,18 +2,16 @@
 
 Ultralytics' `check_amp` compares the detections of yolo26n.pt in fp32 and under autocast, and fetches that model on
 first use: a TOOD run offline would try a download, and a TOOD run online would judge AMP on another model.
-`TOODTrainer` puts `check_amp` below in its place (`own_amp_check`).
+`TOODTrainer` puts `check_amp` below in its place for its set-up (`tood_yolo.register.check_amp_replaced`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from copy import deepcopy
 
 import cv2
 import numpy as np
 import torch
-from ultralytics.engine import trainer as trainer_module
 from ultralytics.utils import ASSETS, LOGGER, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
@@ -77,14 +75,3 @@ def check_amp(model: torch.nn.Module, imgsz: int | None = None) -> bool:
         + ("AMP on" if ok else "AMP off: anomalies on this system that may cause NaN losses or zero mAP")
     )
     return ok
-
-
-@contextmanager
-def own_amp_check():
-    """Within this context Ultralytics' trainer runs TOOD's `check_amp` instead of its own."""
-    original = trainer_module.check_amp
-    trainer_module.check_amp = check_amp
-    try:
-        yield
-    finally:
-        trainer_module.check_amp = original

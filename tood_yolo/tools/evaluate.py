@@ -1,11 +1,11 @@
 """COCO box AP of a TOOD model under the reference's test protocol (how the paper's numbers were measured).
 
 Usage:
-    python -m tood_yolo.evaluate model=tood-r50.pt images=path/to/val2017 \\
+    python -m tood_yolo.tools.evaluate model=tood-r50.pt images=path/to/val2017 \\
         annotations=path/to/instances_val2017.json [max_images=N] [out=detections.json] [device=cpu] [half=False]
 
 prints pycocotools' 12-number AP/AR table and writes the detections in COCO's results format. `model` is an Ultralytics
-checkpoint (e.g. from `python -m tood_yolo.convert`, or a trained `best.pt`); in Python, `evaluate(model, ...)` also
+checkpoint (e.g. from `python -m tood_yolo.tools.convert`, or a trained `best.pt`); in Python, `evaluate(model, ...)` also
 takes a loaded model or any module with the same output.
 
 The protocol is mmdetection 3.3.0's for tood_r50_fpn_1x_coco (test pipeline + test_cfg), one image per batch:
@@ -57,9 +57,9 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from .backbone import IMAGENET_MEAN, ResNet
-from .coco import COCO_STATS, coco_eval, load_gt  # noqa: F401  (COCO_STATS: the names of the returned statistics)
-from .head import TOODHead
+from ..nn.backbone import IMAGENET_MEAN, ResNet
+from ..engine.validator import COCO_STATS, coco_eval, load_gt  # noqa: F401  (COCO_STATS: the names of the returned statistics)
+from ..nn.head import TOODHead
 
 SCALE = (1333, 800)  # mmdet Resize scale (long, short), keep_ratio=True
 SIZE_DIVISOR = 32  # DetDataPreprocessor pad_size_divisor
@@ -191,9 +191,9 @@ def load_model(model: str | Path | nn.Module, device: str | torch.device = "cpu"
 
             model = load_checkpoint(path)[0]
         elif path.endswith((".yaml", ".yml")):
-            from ultralytics.nn.tasks import DetectionModel
+            from ..nn.model import TOODDetectionModel
 
-            model = DetectionModel(path, verbose=False)
+            model = TOODDetectionModel(path, verbose=False)
         else:
             raise ValueError(f"model must be an Ultralytics .pt checkpoint or a model .yaml, got '{path}'")
     model = model.to(device).eval()

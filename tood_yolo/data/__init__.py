@@ -1,0 +1,1 @@
+"""Data: the synthetic shapes set, offline look-ups, and clear handling of bad labels and video frames."""

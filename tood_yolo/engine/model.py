@@ -1,0 +1,43 @@
+"""`TOOD`: the Ultralytics model class of TOOD models, as `RTDETR` is RT-DETR's (`ultralytics/models/rtdetr/model.py`).
+
+`TOOD("cfg/tood-n.yaml")` or `TOOD("best.pt")` trains, validates, predicts and exports with every Ultralytics mode,
+through TOOD's own task map: `TOODDetectionModel`, `TOODTrainer`, `TOODDetectionValidator` and Ultralytics'
+`DetectionPredictor`. `YOLO(...)` (and so the `yolo` command) turns into a `TOOD` for a TOOD YAML or checkpoint, as it
+turns into a `YOLOWorld` or an `RTDETR` for theirs (`tood_yolo.register`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ultralytics.engine.model import Model
+from ultralytics.models.yolo.detect import DetectionPredictor
+
+from ..nn.model import TOODDetectionModel
+from .trainer import TOODTrainer
+from .validator import TOODDetectionValidator
+
+
+class TOOD(Model):
+    """A TOOD detection model (a YAML that names TOOD's modules or loss, or a checkpoint of one).
+
+    Args:
+        model (str | Path | Model): Model YAML or `.pt` checkpoint, or an initialised `Model` to adopt.
+        verbose (bool): Print model information on load.
+    """
+
+    def __init__(self, model: str | Path | Model = "cfg/tood-n.yaml", verbose: bool = False):
+        super().__init__(model=model, task="detect", verbose=verbose)
+
+    @property
+    def task_map(self) -> dict[str, dict[str, Any]]:
+        """TOOD's model, trainer and validator, and Ultralytics' predictor, for the one task TOOD does."""
+        return {
+            "detect": {
+                "model": TOODDetectionModel,
+                "trainer": TOODTrainer,
+                "validator": TOODDetectionValidator,
+                "predictor": DetectionPredictor,
+            }
+        }

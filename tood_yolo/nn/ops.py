@@ -1,0 +1,208 @@
+"""The T-head's building blocks: the aligned score, offset sampling, the anchor-based box decode, deformable convs.
+
+Each is checked against an independent computation in tests/test_head.py (torchvision's ops, mmdet's formulas).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import DeformConv2d
+
+DELTA_STDS = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWHBBoxCoder target_stds of the anchor-based reference (means are 0)
+WH_RATIO_CLIP = 16 / 1000  # mmdet's delta2bbox default clamp of dw, dh
+
+
+class SigmoidGeometricMean(torch.autograd.Function):
+    """z = sqrt(sigmoid(x) * sigmoid(y)) with an analytic backward.
+
+    Autograd through `sqrt` of a product that underflows to 0 gives inf * 0 = NaN gradients (mmdet PR #7090); the
+    closed form dz/dx = z * (1 - sigmoid(x)) / 2 is finite everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_sigmoid, y_sigmoid = x.sigmoid(), y.sigmoid()
+        z = (x_sigmoid * y_sigmoid).sqrt()
+        ctx.save_for_backward(x_sigmoid, y_sigmoid, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_sigmoid, y_sigmoid, z = ctx.saved_tensors
+        return grad_output * z * (1 - x_sigmoid) / 2, grad_output * z * (1 - y_sigmoid) / 2
+
+
+def sigmoid_geometric_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Aligned score sqrt(sigmoid(x) * sigmoid(y)); x (B, C, H, W) class logits, y (B, 1, H, W) M logits.
+
+    The custom autograd function is used only when a gradient is needed: tracing and ONNX export see plain ops.
+    Under autocast the score is formed in fp32 (the logits are cast; sigmoid, mul and sqrt then stay fp32): fp16
+    rounds sigmoid to exactly 1.0 from logit ~8.4 (bf16 from ~6), where the loss's gradient in probability space is
+    unbounded and overflows fp16 on the way back, and the backward's 1 - sigmoid is 0: NaN. fp32 runs are unchanged.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        x, y = x.float(), y.float()
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return SigmoidGeometricMean.apply(x, y)
+    return (x.sigmoid() * y.sigmoid()).sqrt()
+
+
+def deform_sampling(feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample each channel of `feat` at its own offset location, zeros outside the map.
+
+    Equivalent to mmdet's 1x1 depthwise `deform_conv2d` with unit weight (channel k sampled at (i + dy_k, j + dx_k)),
+    written with `grid_sample` so that it exports to ONNX (GridSample, opset >= 16). `align_corners=False` with the
+    matching pixel-centre normalisation also keeps the 1-pixel-wide maps of P7 exact.
+
+    Args:
+        feat (torch.Tensor): (B, C, H, W) maps to sample.
+        offset (torch.Tensor): (B, 2C, H, W) offsets in pixels, channels [dy_0, dx_0, dy_1, dx_1, ...].
+
+    Returns:
+        (torch.Tensor): (B, C, H, W) sampled maps.
+    """
+    b, c, h, w = feat.shape
+    dy, dx = offset.view(b, c, 2, h, w).unbind(2)
+    ys = torch.arange(h, device=feat.device, dtype=offset.dtype).view(1, 1, h, 1)
+    xs = torch.arange(w, device=feat.device, dtype=offset.dtype).view(1, 1, 1, w)
+    gx = (2 * (xs + dx) + 1) / w - 1  # pixel -> [-1, 1] with align_corners=False
+    gy = (2 * (ys + dy) + 1) / h - 1
+    grid = torch.stack((gx, gy), -1).view(b * c, h, w, 2)
+    out = F.grid_sample(feat.reshape(b * c, 1, h, w), grid.to(feat.dtype), align_corners=False, padding_mode="zeros")
+    return out.view(b, c, h, w)
+
+
+def align_boxes(box: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Box alignment with the offset map O: each coordinate map sampled at its own offset (`deform_sampling`).
+
+    Where sampling leaves x1 > x2 or y1 > y2 the unsampled box is kept, as mmdet 3.x does (PR #7567): such boxes made
+    the GIoU loss negative.
+
+    Args:
+        box (torch.Tensor): (B, 4, H, W) xyxy boxes before alignment.
+        offset (torch.Tensor): (B, 8, H, W) offsets [dy_x1, dx_x1, dy_y1, dx_y1, dy_x2, dx_x2, dy_y2, dx_y2].
+
+    Returns:
+        (torch.Tensor): (B, 4, H, W) aligned xyxy boxes.
+    """
+    sampled = deform_sampling(box.contiguous(), offset.contiguous())
+    invalid = (sampled[:, [0]] > sampled[:, [2]]) | (sampled[:, [1]] > sampled[:, [3]])
+    return torch.where(invalid.expand_as(sampled), box, sampled)
+
+
+def delta2bbox(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Decode (dx, dy, dw, dh) deltas against xyxy anchors, as mmdet's DeltaXYWHBBoxCoder (means 0, stds 0.1/0.2).
+
+    Args:
+        anchors (torch.Tensor): (..., 4) xyxy anchors.
+        deltas (torch.Tensor): (..., 4) raw regression outputs.
+
+    Returns:
+        (torch.Tensor): (..., 4) xyxy boxes in the anchors' units (the decode is scale-equivariant).
+    """
+    deltas = deltas * deltas.new_tensor(DELTA_STDS)
+    max_ratio = abs(math.log(WH_RATIO_CLIP))
+    dxy, dwh = deltas[..., :2], deltas[..., 2:].clamp(-max_ratio, max_ratio)
+    pxy, pwh = (anchors[..., :2] + anchors[..., 2:]) / 2, anchors[..., 2:] - anchors[..., :2]
+    gxy, gwh = pxy + pwh * dxy, pwh * dwh.exp()
+    return torch.cat((gxy - gwh / 2, gxy + gwh / 2), -1)
+
+
+class Scale(nn.Module):
+    """A learnable scalar multiplier (one per FPN level, initialised to 1)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale, dtype=torch.float))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class ConvGNReLU(nn.Sequential):
+    """Bias-free kxk conv (or 3x3 modulated deformable conv) + GroupNorm + ReLU, mmcv's ConvModule layout."""
+
+    def __init__(self, c1: int, c2: int, dcn: bool = False, deform_groups: int = 4, groups: int = 32, k: int = 3):
+        if dcn:
+            conv = ModulatedDeformConv(c1, c2, 3, 1, deform_groups=deform_groups)
+        else:
+            conv = nn.Conv2d(c1, c2, k, padding=k // 2, bias=False)
+        super().__init__()
+        self.conv, self.gn, self.act = conv, nn.GroupNorm(groups, c2), nn.ReLU(inplace=True)
+
+
+def modulated_deform_conv2d(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """`torchvision.ops.deform_conv2d` (with mask) written with `grid_sample` and a matmul, for ONNX export only.
+
+    torchvision's op has no ONNX symbolic (as mmcv's: mmdetection #8201); each kernel tap is sampled bilinearly at
+    its offset location (zeros outside), scaled by its mask, then the taps are contracted with the weight.
+
+    Args:
+        x (torch.Tensor): (B, C, H, W) input.
+        offset (torch.Tensor): (B, 2 * dg * kh * kw, Ho, Wo) offsets, (dy, dx) pairs per deform group and tap.
+        mask (torch.Tensor): (B, dg * kh * kw, Ho, Wo) modulation.
+        weight (torch.Tensor): (C_out, C / groups, kh, kw) conv weight.
+
+    Returns:
+        (torch.Tensor): (B, C_out, Ho, Wo) output.
+    """
+    b, c, h, w = x.shape
+    co, cg, kh, kw = weight.shape
+    groups, k = c // cg, kh * kw
+    ho, wo = offset.shape[-2:]
+    dg = offset.shape[1] // (2 * k)
+    ky, kx = torch.meshgrid(
+        torch.arange(kh, device=x.device) * dilation, torch.arange(kw, device=x.device) * dilation, indexing="ij"
+    )
+    base_y = (torch.arange(ho, device=x.device) * stride - padding).view(1, 1, 1, ho, 1) + ky.reshape(1, 1, k, 1, 1)
+    base_x = (torch.arange(wo, device=x.device) * stride - padding).view(1, 1, 1, 1, wo) + kx.reshape(1, 1, k, 1, 1)
+    off = offset.view(b, dg, k, 2, ho, wo)
+    py, px = base_y + off[:, :, :, 0], base_x + off[:, :, :, 1]
+    grid = torch.stack(((2 * px + 1) / w - 1, (2 * py + 1) / h - 1), -1).view(b * dg, k * ho, wo, 2)
+    cols = F.grid_sample(x.reshape(b * dg, c // dg, h, w), grid.to(x.dtype), padding_mode="zeros", align_corners=False)
+    cols = (cols.view(b, dg, c // dg, k, ho, wo) * mask.view(b, dg, 1, k, ho, wo)).reshape(b, groups, cg * k, ho * wo)
+    out = torch.matmul(weight.view(groups, co // groups, cg * k), cols).view(b, co, ho, wo)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+class ModulatedDeformConv(nn.Module):
+    """Modulated deformable conv (DCNv2) with its own offset/mask predictor, as mmcv's ModulatedDeformConv2dPack.
+
+    The offset conv predicts (o1, o2, mask) in 3 chunks; offsets are cat(o1, o2), the mask is sigmoid(mask), and it is
+    zero-initialised so training starts from a plain convolution. Uses `torchvision.ops.DeformConv2d`, and
+    `modulated_deform_conv2d` when exporting to ONNX.
+    """
+
+    def __init__(
+        self, c1: int, c2: int, k: int = 3, s: int = 1, deform_groups: int = 1, groups: int = 1, bias: bool = False
+    ):
+        super().__init__()
+        self.conv = DeformConv2d(c1, c2, k, s, padding=k // 2, groups=groups, bias=bias)
+        self.conv_offset = nn.Conv2d(c1, deform_groups * 3 * k * k, k, s, padding=k // 2, bias=True)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o1, o2, mask = self.conv_offset(x).chunk(3, dim=1)
+        offset, mask = torch.cat((o1, o2), 1), mask.sigmoid()
+        if torch.onnx.is_in_onnx_export():
+            c = self.conv
+            return modulated_deform_conv2d(x, offset, mask, c.weight, c.bias, c.stride[0], c.padding[0], c.dilation[0])
+        # torchvision's CPU kernel turns a non-finite or huge offset into an out-of-bounds read (floor(NaN) -> INT_MIN)
+        # and kills the process: Ultralytics' FLOPs count feeds the model an uninitialised tensor (torch.empty) when
+        # it loads a checkpoint. Any offset beyond the map's extent samples zeros, so the clamp changes no finite result.
+        limit = float(sum(x.shape[-2:]) + self.conv.weight.shape[-1])
+        return self.conv(x, offset.nan_to_num(0.0, limit, -limit).clamp(-limit, limit), mask)
