@@ -131,7 +131,7 @@ def test_warmup_longer_than_the_run_is_cut_so_that_it_ends_in_tal(tiny_data, tmp
     assert phases == [True, False]
     assert any("initial_epoch=5" in w and "cut to 1" in w for w in warnings), warnings
     with pytest.raises(ValueError, match="initial_epoch=-1"):
-        recipes.initial_epoch_of({"initial_epoch": -1, "epochs": 3}, {}, "ultralytics")
+        recipes.ATSSWarmup.of({"initial_epoch": -1, "epochs": 3}, {}, "ultralytics")
 
 
 def test_detect_head_outputs_decode_as_ultralytics_does_at_inference():

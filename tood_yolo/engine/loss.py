@@ -14,7 +14,7 @@ from ultralytics.utils.tal import make_anchors
 
 from .assigners import ATSSAssigner, TaskAlignedAssigner
 from ..nn.head import TOODHead
-from .recipe import LossScale, arg, check_recipe, initial_epoch_of, recipe_of
+from .recipe import ATSSWarmup, LossScale, arg, check_recipe, recipe_of
 
 
 def quality_focal_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
@@ -87,7 +87,7 @@ def reduce_mean(x: torch.Tensor, sync: bool = True) -> torch.Tensor:
 class TOODLoss:
     """TOOD's loss for a model whose last layer is a `TOODHead` (or, for the ablation, Ultralytics' `Detect`).
 
-    Epochs < `initial_epoch`: ATSS targets, focal loss on hard labels / number of positives and centreness-weighted GIoU
+    Epochs of the ATSS warm-up (`ATSSWarmup`): ATSS targets, focal loss on hard labels / number of positives and centreness-weighted GIoU
     / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft label and t_hat-weighted
     GIoU, both / max(sum of t_hat, 1). DDP training steps all-reduce the factors. The recipe (`tood_yolo.engine.recipe`)
     decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=` gains, calibrated, under
@@ -122,7 +122,7 @@ class TOODLoss:
         self.recipe = check_recipe(arg(args, "recipe") or recipe_of(yaml))
         self.scale = LossScale(self.recipe)
         self.gains = arg(args, "cls"), arg(args, "box")
-        self.initial_epoch = initial_epoch_of(args, yaml, self.recipe)
+        self.atss_warmup = ATSSWarmup.of(args, yaml, self.recipe)
         self.assigner = TaskAlignedAssigner(self.nc, topk=topk, alpha=alpha, beta=beta)
         self.initial_assigner = ATSSAssigner(self.nc, topk=atss_topk)
         self.epoch = 0
@@ -130,7 +130,7 @@ class TOODLoss:
     @property
     def warmup(self) -> bool:
         """Whether the current epoch uses the ATSS warm-up targets and losses."""
-        return self.epoch < self.initial_epoch
+        return self.atss_warmup.active(self.epoch)
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         preds = self.parse_output(preds)

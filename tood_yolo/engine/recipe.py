@@ -76,19 +76,6 @@ def arg(args, key: str):
     return args.get(key) if isinstance(args, dict) else getattr(args, key, None)
 
 
-def initial_epoch_of(args, model_yaml: dict, recipe: str) -> int:
-    """Epochs of ATSS warm-up: the `initial_epoch=` argument, else the model YAML's, else the recipe's default.
-
-    Never more than epochs - 1, so that every run ends in task alignment learning (`TOODTrainer` says when it cuts).
-    """
-    n = arg(args, "initial_epoch")
-    n = int(model_yaml.get("initial_epoch", INITIAL_EPOCH[recipe]) if n is None else n)
-    if n < 0:
-        raise ValueError(f"initial_epoch={n} must be >= 0 (epochs of ATSS warm-up before task alignment learning)")
-    epochs = arg(args, "epochs")
-    return min(n, epochs - 1) if epochs else n
-
-
 def recipe_of(model_yaml: dict) -> str:
     """The recipe a model YAML names (`recipe:`), else `mmdet` for ResNet backbones (the paper's) and `ultralytics`."""
     if name := model_yaml.get("recipe"):
@@ -151,3 +138,42 @@ class LossScale:
         cls_gain = V8_CLS_GAIN if cls_gain is None else cls_gain
         box_gain = V8_BOX_GAIN if box_gain is None else box_gain
         return gain * TOOD_CLS_WEIGHT * cls_gain / V8_CLS_GAIN, gain * TOOD_BOX_WEIGHT * box_gain / V8_BOX_GAIN
+
+
+@dataclass(frozen=True)
+class ATSSWarmup:
+    """The ATSS warm-up before task alignment learning: the one place that decides how long it runs and when.
+
+    Its length is the `initial_epoch=` argument, else the model YAML's `initial_epoch:`, else the recipe's default
+    (`INITIAL_EPOCH`), never more than epochs - 1, so that every run ends in TAL. `TOODLoss` asks `active(epoch)` for
+    its targets and losses (ATSS + focal loss, or TAL + quality focal loss); `TOODTrainer` logs `describe`.
+
+    Attributes:
+        epochs (int): Epochs of warm-up this run trains.
+        asked (int): Epochs asked for (equal to `epochs` unless the run is too short for them).
+    """
+
+    epochs: int
+    asked: int
+
+    @classmethod
+    def of(cls, args, model_yaml: dict, recipe: str) -> ATSSWarmup:
+        """The warm-up of a run with the trainer's arguments `args` (see `arg`), a model YAML and a recipe."""
+        n = arg(args, "initial_epoch")
+        n = int(model_yaml.get("initial_epoch", INITIAL_EPOCH[recipe]) if n is None else n)
+        if n < 0:
+            raise ValueError(f"initial_epoch={n} must be >= 0 (epochs of ATSS warm-up before task alignment learning)")
+        epochs = arg(args, "epochs")
+        return cls(min(n, epochs - 1) if epochs else n, n)
+
+    def active(self, epoch: int) -> bool:
+        """Whether 0-based `epoch` trains with the warm-up's targets and losses."""
+        return epoch < self.epochs
+
+    def describe(self, run_epochs: int) -> tuple[str, str | None]:
+        """What the run does (for the log), and a warning when the warm-up was cut (else None)."""
+        cut = None
+        if self.epochs < self.asked:
+            cut = (f"initial_epoch={self.asked} would leave no epoch of task alignment learning in a {run_epochs}-epoch "
+                   f"run; the ATSS warm-up is cut to {self.epochs} epoch(s) so that the run ends in TAL")
+        return f"ATSS warm-up for {self.epochs} epoch(s), then task alignment learning", cut

@@ -13,7 +13,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..nn.model import TOODDetectionModel
 from .validator import TOODDetectionValidator
 from .loss import TOODLoss
-from .recipe import RECIPES, LossScale, check_recipe, initial_epoch_of, model_yaml_of, recipe_of
+from .recipe import RECIPES, LossScale, check_recipe, model_yaml_of, recipe_of
 
 WARMUP_ITERS = 500  # mmdet LinearLR over the first 500 iterations
 MILESTONES = (8 / 12, 11 / 12)  # lr x0.1 at epoch 8 and again at 11 of 12 (16 and 22 of 24 for the 2x schedule)
@@ -40,14 +40,10 @@ def log_warmup(trainer) -> None:
     criterion = next(_criteria(trainer))
     if not isinstance(criterion, TOODLoss):
         return  # the ablation's T-head + v8 loss: no warm-up
-    yaml, n = unwrap_model(trainer.model).yaml, criterion.initial_epoch
-    asked = initial_epoch_of({"initial_epoch": trainer.args.initial_epoch}, yaml, trainer.recipe)
-    if n < asked:
-        LOGGER.warning(
-            f"TOOD: initial_epoch={asked} would leave no epoch of task alignment learning in a {trainer.epochs}-epoch "
-            f"run; the ATSS warm-up is cut to {n} epoch(s) so that the run ends in TAL"
-        )
-    LOGGER.info(f"TOOD: recipe '{trainer.recipe}', ATSS warm-up for {n} epoch(s), then task alignment learning")
+    plan, cut = criterion.atss_warmup.describe(trainer.epochs)
+    if cut:
+        LOGGER.warning(f"TOOD: {cut}")
+    LOGGER.info(f"TOOD: recipe '{trainer.recipe}', {plan}")
 
 
 class TOODTrainer(DetectionTrainer):
