@@ -239,7 +239,7 @@ def mmdet_delta2bbox(anchors, deltas, stds=(0.1, 0.1, 0.2, 0.2), wh_ratio_clip=1
 
 
 def reference_head_level(sd, x, level, anchor_type="anchor_free", stacked=6):
-    """mmdet 3.3.0 TOODHead.forward on one level: dict of cls logits, prob logits, scores, boxes (pixels, xyxy) etc."""
+    """mmdet 3.3.0 TOODHead.forward on one level: dict of class logits, M logits, scores, boxes (pixels, xyxy) etc."""
     b, _, h, w = x.shape
     stride = STRIDES[level]
     feats = []
@@ -285,8 +285,8 @@ def reference_head_level(sd, x, level, anchor_type="anchor_free", stacked=6):
     invalid = ((bbox[:, [0]] > bbox[:, [2]]) | (bbox[:, [1]] > bbox[:, [3]])).expand_as(bbox)
     bbox = torch.where(invalid, reg_bbox, bbox)
     return {
-        "cls": cls_logits,
-        "prob": prob,
+        "cls_logits": cls_logits,
+        "m_logits": prob,
         "score": score,
         "offset": offset,
         "box_raw": reg_bbox,
@@ -406,7 +406,7 @@ def test_head_by_value(r50, r50_state):
             ours = head.forward_level(x, i, points[start : start + n])
             start += n
             ref = reference_head_level(r50_state, x, i)
-            for k in ("cls", "prob", "score", "offset", "box_raw"):
+            for k in ("cls_logits", "m_logits", "score", "offset", "box_raw"):
                 torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"P{i + 3} {k}: {m}")
             torch.testing.assert_close(ours["box"] * STRIDES[i], ref["box"], atol=1e-4, rtol=1e-5)
             n_invalid += int(ref["invalid"].sum())

@@ -163,7 +163,7 @@ def test_amp_loss_and_gradients_are_finite_and_match_fp32_with_extreme_logits(dt
         head.cls_prob_module[-1].weight.normal_(0, 0.5)
         head.cls_prob_module[-1].bias.fill_(12.0)
     feats, batch = _feats(2, 1), _images_batch([0, 1])
-    logits = head.forward_level(feats[0], 0, torch.zeros(64, 2))["cls"]
+    logits = head.forward_level(feats[0], 0, torch.zeros(64, 2))["cls_logits"]
     assert logits.min() < -15 and logits.max() > 15
     loss_fn = TOODLoss(model)
     loss_fn.epoch = epoch

@@ -48,11 +48,11 @@ def test_maps_values_and_shapes(tood, bus_maps):
     assert (m.image == letterboxed).all() and m.orig_shape == (1080, 810)
     assert [lv.name for lv in m.levels] == ["P3", "P4", "P5", "P6", "P7"]
     for lv in m.levels:
-        assert lv.cls_prob.shape == lv.prob.shape == lv.aligned.shape == (256 // lv.stride, 256 // lv.stride)
+        assert lv.p_map.shape == lv.m_map.shape == lv.aligned.shape == (256 // lv.stride, 256 // lv.stride)
         assert lv.offset.shape == (8, *lv.aligned.shape) and lv.cls_attn.shape == lv.reg_attn.shape == (6,)
-        for a in (lv.cls_prob, lv.prob, lv.aligned, lv.cls_attn, lv.reg_attn):
+        for a in (lv.p_map, lv.m_map, lv.aligned, lv.cls_attn, lv.reg_attn):
             assert a.min() >= 0 and a.max() <= 1
-        np.testing.assert_allclose(lv.aligned, np.sqrt(lv.cls_prob * lv.prob), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(lv.aligned, np.sqrt(lv.p_map * lv.m_map), rtol=1e-6, atol=1e-7)
     assert np.ptp(m.levels[0].aligned) > 0.01  # the nudged model's maps are not flat
 
     # The head's own output (scores = aligned per class, anchors level by level) agrees: max over classes
@@ -76,7 +76,7 @@ def test_maps_values_and_shapes(tood, bus_maps):
     # one class instead of the max: P of class "top" is the class of the best location
     one = maps.compute_alignment_maps(tood, BUS, imgsz=IMGSZ, topk=1, cls="top")
     assert one.cls == m.top[0]["cls"]
-    assert all((lv.cls_index == one.cls).all() and (lv.cls_prob <= mx.cls_prob + 1e-7).all()
+    assert all((lv.cls_index == one.cls).all() and (lv.p_map <= mx.p_map + 1e-7).all()
                for lv, mx in zip(one.levels, m.levels))
 
 

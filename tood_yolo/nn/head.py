@@ -1,8 +1,9 @@
 """TOOD's task-aligned head (T-head) as an Ultralytics `Detect` subclass.
 
-Faithful to mmdetection 3.3.0 `TOODHead` (see ../shared/TOOD.md): task-interactive features, layer attention, the
-classification alignment map M and the localisation alignment map O. Outputs keep Ultralytics' inference layout so
-that its validator, predictor, NMS and exporter work unchanged.
+Faithful to mmdetection 3.3.0's `TOODHead` (mmdet/models/dense_heads/tood_head.py) and the paper (arXiv:2108.07755,
+section 3.1): task-interactive features, layer attention, the classification alignment map M and the localisation
+alignment map O. Outputs keep Ultralytics' inference layout so that its validator, predictor, NMS and exporter work
+unchanged.
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ class TOODHead(Detect):
             anchor_points (torch.Tensor): (H*W, 2) anchor centres (x, y) of this level in stride units.
 
         Returns:
-            (dict): "cls" (B, nc, H, W) class logits, "prob" (B, 1, H, W) M logits, "score" (B, nc, H, W) aligned
-                scores, "box_raw" (B, 4, H, W) xyxy before alignment, "offset" (B, 8, H, W) O, "box" (B, 4, H, W) xyxy
+            (dict): "cls_logits" (B, nc, H, W) class logits (P before its sigmoid), "m_logits" (B, 1, H, W) logits of
+                the alignment map M, "score" (B, nc, H, W) aligned scores sqrt(P * M), "box_raw" (B, 4, H, W) xyxy before alignment, "offset" (B, 8, H, W) O, "box" (B, 4, H, W) xyxy
                 after alignment (stride units), "cls_attn"/"reg_attn" (B, stacked_convs) layer weights.
         """
         b, _, h, w = x.shape
@@ -193,10 +194,10 @@ class TOODHead(Detect):
         feat = torch.cat(inter_feats, 1)
         avg_feat = F.adaptive_avg_pool2d(feat, (1, 1))
         cls_attn, reg_attn = self.cls_decomp.attention(avg_feat), self.reg_decomp.attention(avg_feat)
-        cls_feat, reg_feat, prob_hidden, offset_hidden = self.read_feat(feat, cls_attn, reg_attn)
+        cls_feat, reg_feat, m_hidden, offset_hidden = self.read_feat(feat, cls_attn, reg_attn)
         cls_logits = self.tood_cls(cls_feat)
-        prob_logits = self.cls_prob_module[2](prob_hidden)
-        score = sigmoid_geometric_mean(cls_logits, prob_logits)
+        m_logits = self.cls_prob_module[2](m_hidden)  # mmdet's name for M's branch, kept for its checkpoints
+        score = sigmoid_geometric_mean(cls_logits, m_logits)
 
         reg = self.tood_reg(reg_feat)
         points = anchor_points.view(1, h, w, 2).permute(0, 3, 1, 2).float()  # (1, 2, H, W)
@@ -209,8 +210,8 @@ class TOODHead(Detect):
             box_raw = delta2bbox(anchors, deltas).permute(0, 3, 1, 2)
         offset = self.reg_offset_module[2](offset_hidden).float()
         return {
-            "cls": cls_logits,
-            "prob": prob_logits,
+            "cls_logits": cls_logits,
+            "m_logits": m_logits,
             "score": score,
             "box_raw": box_raw,
             "offset": offset,
@@ -241,21 +242,25 @@ class TOODHead(Detect):
         reg_feat = self.reg_decomp.act(self.reg_decomp.gn(reg_feat))
         m, o = self.cls_prob_module[0], self.reg_offset_module[0]
         hidden = F.relu(F.conv2d(feat, torch.cat((m.weight, o.weight)), torch.cat((m.bias, o.bias))))
-        prob_hidden, offset_hidden = hidden.split(m.out_channels, 1)
-        return cls_feat, reg_feat, prob_hidden, offset_hidden
+        m_hidden, offset_hidden = hidden.split(m.out_channels, 1)
+        return cls_feat, reg_feat, m_hidden, offset_hidden
+
+    def forward_levels(self, x: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """`forward_level` on every level: the per-level maps (`tood_yolo.tools.maps` draws them)."""
+        anchor_points, _ = make_anchors(x, torch.ones(self.nl), self.anchor_offset)
+        out, start = [], 0
+        for i, xi in enumerate(x):
+            n = xi.shape[2] * xi.shape[3]
+            out.append(self.forward_level(xi, i, anchor_points[start : start + n]))
+            start += n
+        return out
 
     def forward_head(self, x: list[torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
         """Concatenate the levels' aligned boxes (B, 4, A) and scores (B, nc, A); A = sum of H*W over levels."""
-        anchor_points, _ = make_anchors(x, torch.ones(self.nl), self.anchor_offset)
-        bs = x[0].shape[0]
-        boxes, scores, start = [], [], 0
-        for i, xi in enumerate(x):
-            n = xi.shape[2] * xi.shape[3]
-            out = self.forward_level(xi, i, anchor_points[start : start + n])
-            boxes.append(out["box"].view(bs, 4, -1))
-            scores.append(out["score"].view(bs, self.nc, -1))
-            start += n
-        return {"boxes": torch.cat(boxes, -1), "scores": torch.cat(scores, -1), "feats": x}
+        levels, bs = self.forward_levels(x), x[0].shape[0]
+        boxes = torch.cat([o["box"].view(bs, 4, -1) for o in levels], -1)
+        scores = torch.cat([o["score"].view(bs, self.nc, -1) for o in levels], -1)
+        return {"boxes": boxes, "scores": scores, "feats": x}
 
     def _inference(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, 4 + nc, A): boxes in pixels (xywh, or xyxy for end-to-end/xyxy exports) and the aligned scores."""

@@ -59,8 +59,8 @@ __all__ = (
 
 SIDE_NAMES = ("x1", "y1", "x2", "y2")
 SIDE_COLOURS = ((0, 0, 255), (0, 200, 0), (255, 0, 0), (0, 215, 255))  # BGR: x1 red, y1 green, x2 blue, y2 yellow
-MAP_KEYS = ("cls_prob", "prob", "aligned")
-MAP_TITLES = {"cls_prob": "P = sigmoid(cls)", "prob": "M = sigmoid(prob)", "aligned": "sqrt(P*M)"}
+MAP_KEYS = ("p_map", "m_map", "aligned")
+MAP_TITLES = {"p_map": "P = sigmoid(cls)", "m_map": "M = sigmoid(m)", "aligned": "sqrt(P*M)"}
 COLORMAP = cv2.COLORMAP_JET
 ALPHA = 0.55  # weight of the heatmap over the image
 
@@ -76,10 +76,11 @@ class LevelMaps:
     Attributes:
         name (str): Level name, "P3" for stride 8.
         stride (int): Stride in input pixels.
-        cls_prob (np.ndarray): (H, W) P = sigmoid(cls) of the shown class (or the max over classes), float32 in [0, 1].
-        prob (np.ndarray): (H, W) M = sigmoid(prob logits), float32 in [0, 1].
+        p_map (np.ndarray): (H, W) P = sigmoid(class logits) of the shown class (or the max over classes), float32 in
+            [0, 1].
+        m_map (np.ndarray): (H, W) the alignment map M = sigmoid(M logits), float32 in [0, 1].
         aligned (np.ndarray): (H, W) aligned score sqrt(P * M), float32 in [0, 1].
-        cls_index (np.ndarray): (H, W) class each location of `cls_prob` shows (int64).
+        cls_index (np.ndarray): (H, W) class each location of `p_map` shows (int64).
         offset (np.ndarray): (8, H, W) O in grid cells, [dy_x1, dx_x1, dy_y1, dx_y1, dy_x2, dx_x2, dy_y2, dx_y2].
         box (np.ndarray): (4, H, W) aligned xyxy boxes in input pixels.
         cls_attn (np.ndarray): (stacked_convs,) layer attention of the classification decomposition.
@@ -88,8 +89,8 @@ class LevelMaps:
 
     name: str
     stride: int
-    cls_prob: np.ndarray
-    prob: np.ndarray
+    p_map: np.ndarray
+    m_map: np.ndarray
     aligned: np.ndarray
     cls_index: np.ndarray
     offset: np.ndarray
@@ -239,26 +240,14 @@ def compute_alignment_maps(
     p = next(dm.parameters())
     x = torch.from_numpy(im[..., ::-1].transpose(2, 0, 1).copy()).to(p.device, p.dtype).div(255).unsqueeze(0)
 
-    was_training = dm.training
+    was_training, feats = dm.training, []
+    hook = head.register_forward_pre_hook(lambda m, inp: feats.extend(inp[0]))  # the maps the model routes to the head
     dm.eval()
     try:
-        y = []
-        for m in dm.model[:-1]:  # as DetectionModel._predict_once, stopping before the head
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = m(x)
-            y.append(x if m.i in dm.save else None)
-        f = head.f
-        feats = y[f] if isinstance(f, int) and f != -1 else x if f == -1 else [x if j == -1 else y[j] for j in f]
-        from ultralytics.utils.tal import make_anchors
-
-        anchor_points, _ = make_anchors(feats, torch.ones(head.nl), head.anchor_offset)
-        outs, start = [], 0
-        for i, xi in enumerate(feats):
-            n = xi.shape[2] * xi.shape[3]
-            outs.append(head.forward_level(xi, i, anchor_points[start : start + n]))
-            start += n
+        dm(x)
+        outs = head.forward_levels(feats)  # the head's own per-level pass, kept level by level
     finally:
+        hook.remove()
         dm.train(was_training)
 
     if cls == "top":  # the class of the best aligned score anywhere
@@ -267,8 +256,8 @@ def compute_alignment_maps(
         cls = int(s.flatten(1).amax(1).argmax())
     levels = []
     for i, o in enumerate(outs):
-        p_all = o["cls"][0].float().sigmoid()  # (nc, H, W)
-        m_map = o["prob"][0, 0].float().sigmoid()
+        p_all = o["cls_logits"][0].float().sigmoid()  # (nc, H, W)
+        m_map = o["m_logits"][0, 0].float().sigmoid()
         if cls is None:
             p_map, idx = p_all.max(0)
         else:
@@ -278,8 +267,8 @@ def compute_alignment_maps(
             LevelMaps(
                 name=f"P{round(math.log2(stride))}",
                 stride=stride,
-                cls_prob=p_map.cpu().numpy().astype(np.float32),
-                prob=m_map.cpu().numpy().astype(np.float32),
+                p_map=p_map.cpu().numpy().astype(np.float32),
+                m_map=m_map.cpu().numpy().astype(np.float32),
                 aligned=(p_map * m_map).sqrt().cpu().numpy().astype(np.float32),
                 cls_index=idx.cpu().numpy(),
                 offset=o["offset"][0].float().cpu().numpy(),
