@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tood_yolo.engine.assigners import Assignment, ATSSAssigner, TaskAlignedAssigner
+from tood_yolo.engine.assigners import Assignment, ATSSAssigner, TALAssigner
 
 NC = 4  # classes in the random batches
 INF = 100000000  # mmdet's sentinel in the overlaps trick
@@ -213,7 +213,7 @@ def random_predictions(g: torch.Generator, b: int, points: torch.Tensor, strides
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# TaskAlignedAssigner: hand-worked cases
+# TALAssigner: hand-worked cases
 # --------------------------------------------------------------------------------------------------------------------
 def test_tal_small_gt_without_anchor_centre_gets_no_positive():
     # Anchor points at 4, 12, 20, 28 on both axes. GT [9, 9, 11, 11] contains none of them, yet every predicted box
@@ -222,7 +222,7 @@ def test_tal_small_gt_without_anchor_centre_gets_no_positive():
     pts = torch.tensor([[x, y] for y in (4.0, 12.0, 20.0, 28.0) for x in (4.0, 12.0, 20.0, 28.0)])
     pred = torch.cat((pts - 8, pts + 8), -1)[None]
     scores = torch.full((1, 16, 2), 0.9)
-    assigner = TaskAlignedAssigner(num_classes=2)
+    assigner = TALAssigner(num_classes=2)
     out = assigner(scores, pred, pts, *batch1([[9, 9, 11, 11]], [0]))
     assert not out.fg_mask.any() and (out.labels == 2).all() and (out.quality == 0).all() and (out.ious == 0).all()
     # The point (4, 4) only 0.005 px inside the left side of [3.995, 0, 6, 6]: below mmdet's 0.01 margin, rejected.
@@ -248,7 +248,7 @@ def test_tal_conflict_goes_to_higher_iou():
     # pred3 overlaps neither (t = 0). With topk=3: a's top-3 by t are P0, P1, P2; P2 lies outside a -> a: {P0, P1}.
     # b's top-3 are P1, P2, P0; P0 outside b -> b: {P1, P2}. P1 is claimed by both: IoU 0.8 with b > 2/7 with a -> b.
     # The loser a keeps P0. Every positive has t = 0.5 * 0.8**6 = its GT's max t and u = 0.8 = max u, so t_hat ~ 0.8.
-    out = TaskAlignedAssigner(num_classes=2, topk=3)(*two_gt_case())
+    out = TALAssigner(num_classes=2, topk=3)(*two_gt_case())
     assert out.fg_mask.tolist() == [[True, True, True, False]]
     assert out.gt_idx.tolist() == [[0, 1, 1, 0]]
     assert out.labels.tolist() == [[0, 1, 1, 2]]
@@ -269,7 +269,7 @@ def test_tal_conflict_only_among_selecting_gts():
     pred = torch.tensor([[[0.0, 0, 40, 40], [0, 0, 40, 30]]])
     scores = torch.tensor([[[0.5, 0.1], [0.5, 0.9]]])
     labels, boxes, mask = batch1([[0, 0, 40, 40], [20, 0, 60, 40]], [0, 1])
-    out = TaskAlignedAssigner(num_classes=2, topk=1)(scores, pred, pts, labels, boxes, mask)
+    out = TALAssigner(num_classes=2, topk=1)(scores, pred, pts, labels, boxes, mask)
     assert out.fg_mask.tolist() == [[True, True]]
     assert out.gt_idx.tolist() == [[0, 1]]
     torch.testing.assert_close(out.ious[0], torch.tensor([1.0, 3 / 11]))
@@ -285,7 +285,7 @@ def test_tal_normalisation_values():
     scores = torch.tensor([[[0.01], [0.9], [0.5]]])
     labels, boxes, mask = batch1([[0, 0, 40, 40]], [0])
     eps = 1e-7
-    out = TaskAlignedAssigner(num_classes=1, eps=eps)(scores, pred, pts, labels, boxes, mask)
+    out = TALAssigner(num_classes=1, eps=eps)(scores, pred, pts, labels, boxes, mask)
     t = torch.tensor([0.01, 0.9 / 64, 0.5 * 0.75**6])
     torch.testing.assert_close(out.quality[0], t / (t[2] + eps) * 1.0)
     assert abs(out.quality[0, 2].item() - 1.0) < 1e-5
@@ -306,7 +306,7 @@ def test_tal_normalisation_after_conflicts():
     scores = torch.tensor([[[0.05, 0.3], [0.9, 0.9], [0.3, 0.9]]])
     labels, boxes, mask = batch1([[0, 0, 40, 40], [20, 0, 60, 40]], [0, 1])
     eps = 1e-7
-    out = TaskAlignedAssigner(num_classes=2, eps=eps)(scores, pred, pts, labels, boxes, mask)
+    out = TALAssigner(num_classes=2, eps=eps)(scores, pred, pts, labels, boxes, mask)
     assert out.gt_idx.tolist() == [[0, 1, 1]] and out.fg_mask.all()
     t_a0 = 0.05 / 64
     expected = torch.tensor([t_a0 / (t_a0 + eps) * 0.5, 0.9 / (0.9 + eps), 0.9 / 64 / (0.9 + eps)])
@@ -320,7 +320,7 @@ def test_tal_topk_limits_positives():
     pred = torch.tensor([0.0, 0, 32, 32]).expand(1, 16, 4)
     s = (torch.randperm(16, generator=torch.Generator().manual_seed(0)).float() + 1) / 20
     labels, boxes, mask = batch1([[0, 0, 32, 32]], [0])
-    out = TaskAlignedAssigner(num_classes=1, topk=3)(s.view(1, 16, 1), pred, pts, labels, boxes, mask)
+    out = TALAssigner(num_classes=1, topk=3)(s.view(1, 16, 1), pred, pts, labels, boxes, mask)
     top3 = s.topk(3).indices
     assert out.fg_mask.sum() == 3 and out.fg_mask[0, top3].all()
     torch.testing.assert_close(out.quality[0, top3], s[top3] / (s.max() + 1e-7))
@@ -329,8 +329,8 @@ def test_tal_topk_limits_positives():
 def test_tal_topk_larger_than_anchor_count():
     # k = min(topk, A): 13 requested, 4 anchors available, so every anchor is a candidate of both GTs. The extra ones
     # over topk = 3 (P3 for a and b, t = 0) are filtered, so the result must equal the topk = 3 one.
-    ref = TaskAlignedAssigner(num_classes=2, topk=3)(*two_gt_case())
-    out = TaskAlignedAssigner(num_classes=2, topk=13)(*two_gt_case())
+    ref = TALAssigner(num_classes=2, topk=3)(*two_gt_case())
+    out = TALAssigner(num_classes=2, topk=13)(*two_gt_case())
     assert_assignment(out, ref)
 
 
@@ -344,7 +344,7 @@ def test_tal_zero_metric_candidates_are_dropped():
     scores = torch.full((1, 16, 1), 0.5)
     scores[0, 1, 0], scores[0, 2, 0] = 0.25, 0.0
     labels, boxes, mask = batch1([[0, 0, 32, 32]], [0])
-    out = TaskAlignedAssigner(num_classes=1, topk=4)(scores, pred, pts, labels, boxes, mask)
+    out = TALAssigner(num_classes=1, topk=4)(scores, pred, pts, labels, boxes, mask)
     assert out.fg_mask[0].nonzero().squeeze(1).tolist() == [0, 1]
     torch.testing.assert_close(out.quality[0, :2], torch.tensor([0.5 / (0.5 + 1e-7), 0.25 / (0.5 + 1e-7)]))
 
@@ -357,7 +357,7 @@ def test_tal_empty_image_beside_image_with_gts():
         scores.repeat(2, 1, 1), pred.repeat(2, 1, 1), pts,
         labels.repeat(2, 1, 1), boxes.repeat(2, 1, 1), torch.stack((torch.zeros_like(mask[0]), mask[0])),
     )
-    assigner = TaskAlignedAssigner(num_classes=2, topk=3)
+    assigner = TALAssigner(num_classes=2, topk=3)
     out, alone = assigner(*batch), assigner(scores, pred, pts, labels, boxes, mask)
     assert not out.fg_mask[0].any() and (out.labels[0] == 2).all()
     assert (out.gt_idx[0] == 0).all() and (out.bboxes[0] == 0).all() and (out.quality[0] == 0).all()
@@ -367,7 +367,7 @@ def test_tal_empty_image_beside_image_with_gts():
 @pytest.mark.parametrize("b", [1, 3])
 def test_tal_no_gt_at_all(b):
     a = 7
-    out = TaskAlignedAssigner(num_classes=5)(
+    out = TALAssigner(num_classes=5)(
         torch.rand(b, a, 5), torch.rand(b, a, 4) * 10, torch.rand(a, 2), torch.zeros(b, 0, 1), torch.zeros(b, 0, 4),
         torch.zeros(b, 0, 1),
     )
@@ -386,7 +386,7 @@ def test_tal_half_inputs_use_float32_ious():
     scores, pred = random_predictions(g, 2, pts, strides)
     labels, boxes, mask = random_gts(g, 2, 4, 64)
     scores, pred, boxes = scores.half(), pred.half(), boxes.half()
-    assigner = TaskAlignedAssigner(num_classes=NC)
+    assigner = TALAssigner(num_classes=NC)
     out = assigner(scores, pred, pts.half(), labels, boxes, mask)
     ref = assigner(scores.float(), pred.float(), pts, labels, boxes.float(), mask)
     assert out.fg_mask.any()
@@ -395,7 +395,7 @@ def test_tal_half_inputs_use_float32_ious():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# TaskAlignedAssigner vs the literal mmdet reference
+# TALAssigner vs the literal mmdet reference
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("seed", "topk"), [(0, 13), (1, 13), (2, 5), (3, 1), (4, 30)])
 def test_tal_matches_mmdet_reference(seed, topk):
@@ -405,7 +405,7 @@ def test_tal_matches_mmdet_reference(seed, topk):
     strides = torch.cat([torch.full((c,), float(s)) for c, s in zip(counts, strides_)])
     scores, pred = random_predictions(g, 4, pts, strides)
     labels, boxes, mask = random_gts(g, 4, 6, size)
-    assigner = TaskAlignedAssigner(num_classes=NC, topk=topk)
+    assigner = TALAssigner(num_classes=NC, topk=topk)
     out = assigner(scores, pred, pts, labels, boxes, mask)
     ref = ref_tal(assigner, scores, pred, pts, labels, boxes, mask)
     assert ref.fg_mask.sum() >= 5  # the batch exercises the rules, not only the background path
@@ -420,7 +420,7 @@ def test_tal_reference_detects_conflicts():
     strides = torch.cat([torch.full((c,), float(s)) for c, s in zip(counts, (8, 16, 32))])
     scores, pred = random_predictions(g, 4, pts, strides)
     labels, boxes, mask = random_gts(g, 4, 6, 128)
-    assigner = TaskAlignedAssigner(num_classes=NC)
+    assigner = TALAssigner(num_classes=NC)
     out = assigner(scores, pred, pts, labels, boxes, mask)
     # Count anchors that more than one real GT would take if each GT were alone in the image.
     claims = torch.zeros(4, pts.shape[0], dtype=torch.long)

@@ -1,4 +1,4 @@
-"""T-head components against independent computations (TOOD.md "T-head")."""
+"""T-head components against independent computations (the paper, section 3.1; mmdet 3.3.0 TOODHead)."""
 
 from __future__ import annotations
 

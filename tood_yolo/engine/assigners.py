@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from ultralytics.utils.metrics import bbox_iou
 
-__all__ = "Assignment", "TaskAlignedAssigner", "ATSSAssigner"
+__all__ = "Assignment", "TALAssigner", "ATSSAssigner"
 
 # mmdet's centre-inside test: an anchor centre must lie more than this many pixels inside every GT side.
 CENTER_MARGIN = 0.01
@@ -106,8 +106,9 @@ def _resolve(
     return fg_mask, gt_idx, labels, bboxes, max_iou.where(fg_mask, 0.0)
 
 
-class TaskAlignedAssigner:
-    """TOOD's task-aligned assigner (mmdet 3.3.0), with the per-GT normalisation of TOODHead.
+class TALAssigner:
+    """TOOD's task-aligned assigner of Task Alignment Learning: mmdet 3.3.0's `TaskAlignedAssigner`, with the per-GT
+    normalisation of its TOODHead (named apart from Ultralytics' `TaskAlignedAssigner`, a different rule).
 
     For every GT, t = s**alpha * u**beta with s the predicted probability of the GT's class and u the plain IoU of the
     decoded predicted box with the GT. The top-k anchors by t over all levels are candidates; a candidate is kept if

@@ -1,7 +1,7 @@
 """TOOD's training loss: Task Alignment Learning, with ATSS warm-up epochs, as mmdetection's TOODHead.
 
-Written by hand because Ultralytics' `v8DetectionLoss` differs in every part that matters here (TOOD.md "How
-Ultralytics differs"): BCE instead of quality focal loss, CIoU + DFL instead of GIoU x 2, another assigner, no warm-up.
+Written by hand because Ultralytics' `v8DetectionLoss` differs in every part that matters here: BCE instead
+of quality focal loss, CIoU + DFL instead of GIoU x 2, another assigner (`tood_yolo.engine.assigners`), no warm-up.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.tal import make_anchors
 
-from .assigners import ATSSAssigner, TaskAlignedAssigner
+from .assigners import ATSSAssigner, TALAssigner
 from ..nn.head import TOODHead
 from .recipe import ATSSWarmup, LossScale, arg, check_recipe, recipe_of
 
@@ -123,7 +123,7 @@ class TOODLoss:
         self.scale = LossScale(self.recipe)
         self.gains = arg(args, "cls"), arg(args, "box")
         self.atss_warmup = ATSSWarmup.of(args, yaml, self.recipe)
-        self.assigner = TaskAlignedAssigner(self.nc, topk=topk, alpha=alpha, beta=beta)
+        self.assigner = TALAssigner(self.nc, topk=topk, alpha=alpha, beta=beta)
         self.initial_assigner = ATSSAssigner(self.nc, topk=atss_topk)
         self.epoch = 0
 
