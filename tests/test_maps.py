@@ -155,7 +155,7 @@ def test_callback_writes_into_the_run_during_training(tmp_path, monkeypatch):
     data = make_synthetic_dataset(tmp_path / "syn", n_train=8, n_val=4, imgsz=128)
     image = sorted((data.parent / "images" / "val").glob("*.jpg"))[0]
     writer = FakeWriter()
-    monkeypatch.setattr(maps, "_tensorboard_enabled", lambda: True)
+    monkeypatch.setattr(maps.callback, "_tensorboard_enabled", lambda: True)
     monkeypatch.setattr(tb, "WRITER", writer, raising=False)  # as Ultralytics' TensorBoard callback keeps it
     model = YOLO(str(ROOT / "cfg/tood-n.yaml"))
     maps.add_alignment_map_callback(model, image, every=1, topk=3)
