@@ -21,8 +21,8 @@ Ultralytics twins `yolov8n`, `yolov8n-tood`, `yolo11n`, `yolo11n-tood` where tho
 Presets: `cpu` (default) bccd train -> test, 3 seeds, 20 epochs, imgsz 256, batch 16: about 75 min on an idle 2-core
 CPU; `quick` 1 epoch, seed 0, imgsz 128 (a smoke run, written to runs/ablation-quick); `gpu` bccd and coco128 (train2017
 -> val2017), 3 seeds, 100 epochs, imgsz 640, batch 16, device 0. Evaluation: one Ultralytics val pass per run on the
-evaluation split (`tood_yolo.tools.analysis.alignment_study`: conf 0.001, iou 0.7, max_det 300, rect batches, no NMS time
-limit) gives mAP50-95, mAP50 and TOOD's alignment study (rank correlation of score and IoU over each GT's top-50
+evaluation split (`tood_yolo.tools.analysis.alignment_study`: conf 0.001, iou 0.7, max_det 300, rect batches, no NMS
+time limit) gives mAP50-95, mAP50 and TOOD's alignment study (rank correlation of score and IoU over each GT's top-50
 pre-NMS predictions, mean IoU of the top-10, and correct / redundant / error detections after NMS).
 
 `split=val` evaluates on the validation split instead (for choices such as the warm-up, written to runs/ablation-val).
@@ -69,7 +69,12 @@ MODELS = {
     "thead-v8": (ROOT / "cfg/tood-n.yaml", "loss: v8", "T-head + v8 loss", "TOODTrainer"),
     "thead-tood": (ROOT / "cfg/tood-n.yaml", "", "T-head + TOOD loss", "TOODTrainer"),
     "thead-tood-w0": (ROOT / "cfg/tood-n.yaml", "initial_epoch: 0", "T-head + TOOD loss, no warm-up", "TOODTrainer"),
-    "thead-tood-w8": (ROOT / "cfg/tood-n.yaml", "initial_epoch: 8", "T-head + TOOD loss, 8 warm-up epochs", "TOODTrainer"),
+    "thead-tood-w8": (
+        ROOT / "cfg/tood-n.yaml",
+        "initial_epoch: 8",
+        "T-head + TOOD loss, 8 warm-up epochs",
+        "TOODTrainer",
+    ),
     "thead-tood-g8": (ROOT / "cfg/tood-n.yaml", ("anchor_free, 0.0]]", "anchor_free, 0.0, 8]]"),
                       "T-head (GroupNorm 8 groups) + TOOD loss", "TOODTrainer"),
     "yolov8n": (ULTRALYTICS_CFG / "v8/yolov8.yaml", "scale: n", "YOLOv8n (Detect + v8 loss)", "DetectionTrainer"),
@@ -86,8 +91,10 @@ PRESETS = {
     "quick": {"epochs": 1, "imgsz": 128, "batch": 8, "seeds": "0", "datasets": "bccd", "device": "cpu"},
     "gpu": {"epochs": 100, "imgsz": 640, "batch": 16, "seeds": "0,1,2", "datasets": "bccd,coco128", "device": "0"},
 }
-USAGE = ("python benchmarks/ablation.py [preset=cpu|quick|gpu] [epochs=N] [imgsz=N] [batch=N] [seeds=0,1,2] "
-         "[datasets=bccd,synthetic,coco128] [models=detect-v8,detect-tood,thead-v8,thead-tood] [split=test] [device=cpu]")
+USAGE = (
+    "python benchmarks/ablation.py [preset=cpu|quick|gpu] [epochs=N] [imgsz=N] [batch=N] [seeds=0,1,2] "
+    "[datasets=bccd,synthetic,coco128] [models=detect-v8,detect-tood,thead-v8,thead-tood] [split=test] [device=cpu]"
+)
 # Only what makes runs comparable and reproducible; the rest is the `ultralytics` recipe (Ultralytics' defaults)
 FIXED = {"recipe": "ultralytics", "deterministic": True, "val": False, "plots": False, "amp": False, "exist_ok": True}
 VAL = {"conf": 0.001, "iou": 0.7, "max_det": 300}  # `yolo val`'s defaults
@@ -218,9 +225,15 @@ def evaluate(model: YOLO, data: Path, split: str, args: dict) -> dict:
     }
 
 
-STATS = (("map50_95", "mAP50-95", ".3f"), ("map50", "mAP50", ".3f"), ("rank_corr", "rank corr", ".3f"),
-         ("top10_iou", "top-10 IoU", ".3f"), ("correct_pct", "correct %", ".1f"), ("redundant_pct", "redundant %", ".1f"),
-         ("error_pct", "error %", ".1f"))
+STATS = (
+    ("map50_95", "mAP50-95", ".3f"),
+    ("map50", "mAP50", ".3f"),
+    ("rank_corr", "rank corr", ".3f"),
+    ("top10_iou", "top-10 IoU", ".3f"),
+    ("correct_pct", "correct %", ".1f"),
+    ("redundant_pct", "redundant %", ".1f"),
+    ("error_pct", "error %", ".1f"),
+)
 
 
 def mean_std(values: list, spec: str) -> str:
@@ -254,8 +267,10 @@ def machine() -> str:
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}, ultralytics {ultralytics.__version__}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}, ultralytics {ultralytics.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def main(argv: list[str]) -> list[dict]:

@@ -9,7 +9,8 @@ in the ATSS warm-up and in TAL. The ratio (a) / (b), printed for a gain of 1, is
 phase) that makes one step of (b) as large as one of (a).
 Only training images are used (never an evaluation split).
 
-    python benchmarks/calibrate_gains.py [--data ../shared/data/bccd/data.yaml] [--pairs tood-n] [--seeds 2] [--batches 3]
+    python benchmarks/calibrate_gains.py [--data ../shared/data/bccd/data.yaml] [--pairs tood-n] [--seeds 2] \\
+        [--batches 3]
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ its batches; Ultralytics itself would letterbox to a square), tood-r50 at batch 
   fp16 (`.half()`, as `half=True`); median of the timed runs.
 - AMP run: 200 iterations of Ultralytics' trainer (TOODTrainer, its dataloaders and augmentation, `amp=True` with
   TOOD's AMP check, GradScaler, EMA, the final validation under autocast) training tood-n from scratch on a synthetic
-  shapes set (`tood_yolo.data.synthetic`); every iteration's loss must be finite. Also printed: the AMP decision, and how
-  often the GradScaler lowered its scale (a step skipped for inf/NaN gradients).
+  shapes set (`tood_yolo.data.synthetic`); every iteration's loss must be finite. Also printed: the AMP decision, and
+  how often the GradScaler lowered its scale (a step skipped for inf/NaN gradients).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tests of tood_yolo.engine.assigners: hand-worked cases and a literal per-image port of mmdetection 3.3.0 as reference."""
+"""Tests of tood_yolo.engine.assigners: hand-worked cases and a literal per-image port of mmdetection 3.3.0
+as reference."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Tests of tood_yolo.tools.convert (mmdet TOOD checkpoints -> Ultralytics) and tood_yolo.tools.evaluate (the reference's COCO
-protocol).
+"""Tests of tood_yolo.tools.convert (mmdet TOOD checkpoints -> Ultralytics) and tood_yolo.tools.evaluate (the
+reference's COCO protocol).
 
 The mmdet checkpoints are synthetic: key names and shapes written here from mmdetection 3.3.0's sources (ResNet /
 ResNeXt backbones, FPN, TOODHead with mmcv ConvModule / ModulatedDeformConv2dPack), values random. Every tensor is
@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from tood_yolo.tools.convert import load_mmdet_checkpoint, main, mmdet_key_map, read_mmdet_checkpoint, ultralytics_checkpoint
+from tood_yolo.tools.convert import (
+    load_mmdet_checkpoint,
+    main,
+    mmdet_key_map,
+    read_mmdet_checkpoint,
+    ultralytics_checkpoint,
+)
 from tood_yolo.tools.evaluate import (
     COCO_STATS,
     evaluate,
@@ -547,8 +553,8 @@ def converted_pt(tmp_path_factory, r50_state):
 
 
 def test_cli_round_trip_through_yolo(tmp_path, converted_pt, r50_reference):
-    """mmdet .pth -> `python -m tood_yolo.tools.convert` -> .pt that ultralytics.YOLO loads, predicts and exports with, and
-    whose model(x)[0] still equals the reference."""
+    """mmdet .pth -> `python -m tood_yolo.tools.convert` -> .pt that ultralytics.YOLO loads, predicts and exports with,
+    and whose model(x)[0] still equals the reference."""
     from ultralytics import YOLO
     from ultralytics.utils import ASSETS
 

@@ -141,7 +141,9 @@ def test_outputs_shapes_and_anchor_free_decoding(r50_head):
     n = sum(h * w for h, w in sizes)
     assert out["boxes"].shape == (2, 4, n) and out["scores"].shape == (2, 3, n)
     # level 0 before alignment: anchor points at (j, i) (offset 0) -/+ Scale * exp(reg), in stride units
-    lvl = head.forward_level(x[0], 0, torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="xy"), -1).view(-1, 2))
+    lvl = head.forward_level(
+        x[0], 0, torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="xy"), -1).view(-1, 2)
+    )
     reg = head.tood_reg(head.reg_decomp(*_decomp_inputs(head, x[0])))
     dist = reg.exp() * head.scales[0].scale
     j = torch.arange(6.0).view(1, 1, 6).expand(1, 8, 6)

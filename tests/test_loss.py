@@ -1,4 +1,5 @@
-"""TOOD's loss functions and TOODLoss against independent computations (the paper, section 3.2; mmdet 3.3.0 TOODHead.loss_by_feat)."""
+"""TOOD's loss functions and TOODLoss against independent computations (the paper, section 3.2;
+mmdet 3.3.0 TOODHead.loss_by_feat)."""
 
 from __future__ import annotations
 
@@ -86,8 +87,11 @@ def _inputs(b=2, nc=3, sizes=((8, 8), (4, 4))):
 def _batch(boxes_px, classes, image_index, imgsz=64):
     xyxy = torch.tensor(boxes_px, dtype=torch.float32).view(-1, 4)
     xywh = torch.cat(((xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]), 1) / imgsz
-    return {"batch_idx": torch.tensor(image_index, dtype=torch.float32), "cls": torch.tensor(classes).float().view(-1, 1),
-            "bboxes": xywh}
+    return {
+        "batch_idx": torch.tensor(image_index, dtype=torch.float32),
+        "cls": torch.tensor(classes).float().view(-1, 1),
+        "bboxes": xywh,
+    }
 
 
 def _expected(preds, batch, warmup, strides=(8.0, 16.0), nc=3):
@@ -107,7 +111,9 @@ def _expected(preds, batch, warmup, strides=(8.0, 16.0), nc=3):
         p = preds["scores"][i].T[None]
         bx = preds["boxes"][i].T
         if warmup:
-            r = ATSSAssigner(nc)(torch.cat((points - 4 * stride, points + 4 * stride), 1), [h * w for h, w in sizes], lab, gt, mask)
+            r = ATSSAssigner(nc)(
+                torch.cat((points - 4 * stride, points + 4 * stride), 1), [h * w for h, w in sizes], lab, gt, mask
+            )
             t = F.one_hot(r.labels[0], nc + 1)[:, :nc].float()
             cls_sum += sigmoid_focal_loss(torch.logit(p[0].double()), t.double()).sum().item()
             fg = r.fg_mask[0]

@@ -164,5 +164,7 @@ def test_thead_outputs_round_trip_through_v8_distances_and_logits():
     preds = _inputs()
     out = THeadV8Loss.parse_output(loss, preds)
     points = make_anchors(preds["feats"], head.stride, 0.5)[0]
-    torch.testing.assert_close(dist2bbox(out["boxes"].transpose(1, 2), points, xywh=False), preds["boxes"].transpose(1, 2))
+    torch.testing.assert_close(
+        dist2bbox(out["boxes"].transpose(1, 2), points, xywh=False), preds["boxes"].transpose(1, 2)
+    )
     torch.testing.assert_close(out["scores"].sigmoid(), preds["scores"])

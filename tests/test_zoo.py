@@ -22,7 +22,8 @@ from tood_yolo.nn.ops import ModulatedDeformConv, delta2bbox
 from test_convert import mmdet_tood_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-CFGS = sorted(p.stem for p in (ROOT / "cfg").glob("*.yaml") if not p.stem.startswith("yolo"))  # YOLO twins: test_yolo_neck
+# YOLO twins: test_yolo_neck
+CFGS = sorted(p.stem for p in (ROOT / "cfg").glob("*.yaml") if not p.stem.startswith("yolo"))
 RESNET_CFGS = [c for c in CFGS if c.startswith(("tood-r", "tood-x"))]
 DCN_CFGS = [c for c in CFGS if c.endswith("-dcn")]
 IMGSZ = 128

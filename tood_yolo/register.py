@@ -90,7 +90,8 @@ def _guard_offline() -> None:
 
 
 def _check_inputs() -> None:
-    """Ultralytics' label verification, label-file look-up and predict loader with the checks of `tood_yolo.data.inputs`.
+    """Ultralytics' label verification, label-file look-up and predict loader with the checks of
+    `tood_yolo.data.inputs`.
 
     `verify_image_label` is read as a module global by `YOLODataset.cache_labels`, the loader class by
     `load_inference_source`, by name: neither takes a class or a function as an argument.

@@ -34,7 +34,9 @@ def quality_focal_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2
     return F.binary_cross_entropy(pred, target, reduction="none") * (target - pred).abs().pow(beta)
 
 
-def focal_loss_with_prob(pred: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
+def focal_loss_with_prob(
+    pred: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25
+) -> torch.Tensor:
     """Sigmoid focal loss on probabilities (mmdet `FocalLoss(activated=True)`), elementwise.
 
     Args:
@@ -69,7 +71,8 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> to
 
 
 def centerness_target(points: torch.Tensor, gt_bboxes: torch.Tensor) -> torch.Tensor:
-    """FCOS centreness of anchor centres (N, 2) inside their assigned GT boxes (N, 4 xyxy): sqrt(lr ratio * tb ratio)."""
+    """FCOS centreness of anchor centres (N, 2) inside their assigned GT boxes (N, 4 xyxy):
+    sqrt(lr ratio * tb ratio)."""
     l, t = points[:, 0] - gt_bboxes[:, 0], points[:, 1] - gt_bboxes[:, 1]
     r, b = gt_bboxes[:, 2] - points[:, 0], gt_bboxes[:, 3] - points[:, 1]
     lr, tb = torch.stack((l, r), 1), torch.stack((t, b), 1)
@@ -87,13 +90,13 @@ def reduce_mean(x: torch.Tensor, sync: bool = True) -> torch.Tensor:
 class TOODLoss:
     """TOOD's loss for a model whose last layer is a `TOODHead` (or, for the ablation, Ultralytics' `Detect`).
 
-    Epochs of the ATSS warm-up (`ATSSWarmup`): ATSS targets, focal loss on hard labels / number of positives and centreness-weighted GIoU
-    / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft label and t_hat-weighted
-    GIoU, both / max(sum of t_hat, 1). DDP training steps all-reduce the factors. The recipe (`tood_yolo.engine.recipe`)
-    decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=` gains, calibrated, under
-    ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up come from the trainer's
-    arguments, which Ultralytics attaches to the model as `model.args`, else from the model YAML. Set `epoch` (a
-    plain int) at every epoch start; `TOODTrainer` does.
+    Epochs of the ATSS warm-up (`ATSSWarmup`): ATSS targets, focal loss on hard labels / number of positives and
+    centreness-weighted GIoU / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft
+    label and t_hat-weighted GIoU, both / max(sum of t_hat, 1). DDP training steps all-reduce the factors. The recipe
+    (`tood_yolo.engine.recipe`) decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=`
+    gains, calibrated, under ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up
+    come from the trainer's arguments, which Ultralytics attaches to the model as `model.args`, else from the model
+    YAML. Set `epoch` (a plain int) at every epoch start; `TOODTrainer` does.
 
     Returns (when called with predictions and a batch): the loss to back-propagate and the detached
     {"loss_cls", "loss_bbox"} of the batch, as the reference logs them (weighted, per positive, not scaled).

@@ -174,6 +174,8 @@ class ATSSWarmup:
         """What the run does (for the log), and a warning when the warm-up was cut (else None)."""
         cut = None
         if self.epochs < self.asked:
-            cut = (f"initial_epoch={self.asked} would leave no epoch of task alignment learning in a {run_epochs}-epoch "
-                   f"run; the ATSS warm-up is cut to {self.epochs} epoch(s) so that the run ends in TAL")
+            cut = (
+                f"initial_epoch={self.asked} would leave no epoch of task alignment learning in a {run_epochs}-epoch "
+                f"run; the ATSS warm-up is cut to {self.epochs} epoch(s) so that the run ends in TAL"
+            )
         return f"ATSS warm-up for {self.epochs} epoch(s), then task alignment learning", cut

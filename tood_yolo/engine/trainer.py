@@ -1,4 +1,5 @@
-"""`TOODTrainer`: Ultralytics' DetectionTrainer with TOOD's recipes (`tood_yolo.engine.recipe`) and the loss epoch wired in."""
+"""`TOODTrainer`: Ultralytics' DetectionTrainer with TOOD's recipes (`tood_yolo.engine.recipe`) and the loss
+epoch wired in."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ class TOODTrainer(DetectionTrainer):
         return model
 
     def _setup_train(self) -> None:
-        """Ultralytics' set-up with TOOD's AMP check on the model itself (`tood_yolo.engine.amp`): no yolo26n.pt download."""
+        """Ultralytics' set-up with TOOD's AMP check on the model itself (`tood_yolo.engine.amp`): no
+        yolo26n.pt download."""
         from ..register import check_amp_replaced  # the module that replaces Ultralytics' names, and imports this one
 
         with check_amp_replaced():

@@ -15,8 +15,8 @@ What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_js
 
 `TOODDetectionValidator` is that validator with `coco_evaluate` done by pycocotools (the official implementation):
 the 12-number AP/AR table is printed after Ultralytics' own metrics, and the stats get the same keys faster-coco-eval
-would have filled (`metrics/mAP_small(B)` etc.; on COCO/LVIS also mAP50, mAP50-95 and fitness). `python -m tood_yolo.tools.coco` scores a saved
-predictions.json against any COCO annotation file.
+would have filled (`metrics/mAP_small(B)` etc.; on COCO/LVIS also mAP50, mAP50-95 and fitness).
+`python -m tood_yolo.tools.coco` scores a saved predictions.json against any COCO annotation file.
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ class ResNet(tv_resnet.ResNet):
         if not set(dcn_stages) <= {1, 2, 3, 4}:
             raise ValueError(f"ResNet dcn_stages must be stage numbers in 1..4, got {list(dcn_stages)}")
         block, layers = ARCHS[depth]
-        super().__init__(block, list(layers), groups=groups, width_per_group=width_per_group, norm_layer=EvalBatchNorm2d)
+        super().__init__(
+            block, list(layers), groups=groups, width_per_group=width_per_group, norm_layer=EvalBatchNorm2d
+        )
         del self.fc, self.avgpool
         self.arch = f"resnet{depth}" if groups == 1 else f"resnext{depth}_{groups}x{width_per_group}d"
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -101,7 +103,11 @@ class ResNet(tv_resnet.ResNet):
         if weights:
             self.load_weights(weights)
         if frozen_stages:
-            freeze(nn.ModuleList([self.conv1, self.bn1, *(getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1))]))
+            freeze(
+                nn.ModuleList(
+                    [self.conv1, self.bn1, *(getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1))]
+                )
+            )
 
     def _add_dcn(self, stages) -> None:
         """Replace the 3x3 conv of every block in `stages` by a modulated deformable conv (mmdet DCNv2, 1 group)."""
@@ -135,7 +141,8 @@ class ResNet(tv_resnet.ResNet):
         state = {(f"{k.rpartition('.')[0]}.conv.{k.rpartition('.')[2]}" if k.rpartition(".")[0] in dcn else k): v
                  for k, v in state.items()}
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if "conv_offset" not in k]  # DCN offset convs are zero-initialised, not in ImageNet
+        # DCN offset convs are zero-initialised, not in ImageNet
+        missing = [k for k in missing if "conv_offset" not in k]
         if missing or unexpected:
             raise ValueError(f"{file} does not match {self.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         LOGGER.info(f"Loaded {self.arch} ImageNet weights from {file}")

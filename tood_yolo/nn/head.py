@@ -127,8 +127,12 @@ class TOODHead(Detect):
         self.tood_cls = nn.Conv2d(c, nc, 3, padding=1)
         self.tood_reg = nn.Conv2d(c, 4, 3, padding=1)
         cc = c * stacked_convs
-        self.cls_prob_module = nn.Sequential(nn.Conv2d(cc, c // 4, 1), nn.ReLU(inplace=True), nn.Conv2d(c // 4, 1, 3, padding=1))
-        self.reg_offset_module = nn.Sequential(nn.Conv2d(cc, c // 4, 1), nn.ReLU(inplace=True), nn.Conv2d(c // 4, 8, 3, padding=1))
+        self.cls_prob_module = nn.Sequential(
+            nn.Conv2d(cc, c // 4, 1), nn.ReLU(inplace=True), nn.Conv2d(c // 4, 1, 3, padding=1)
+        )
+        self.reg_offset_module = nn.Sequential(
+            nn.Conv2d(cc, c // 4, 1), nn.ReLU(inplace=True), nn.Conv2d(c // 4, 8, 3, padding=1)
+        )
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(self.nl))
         self.init_weights()
 
@@ -181,8 +185,9 @@ class TOODHead(Detect):
 
         Returns:
             (dict): "cls_logits" (B, nc, H, W) class logits (P before its sigmoid), "m_logits" (B, 1, H, W) logits of
-                the alignment map M, "score" (B, nc, H, W) aligned scores sqrt(P * M), "box_raw" (B, 4, H, W) xyxy before alignment, "offset" (B, 8, H, W) O, "box" (B, 4, H, W) xyxy
-                after alignment (stride units), "cls_attn"/"reg_attn" (B, stacked_convs) layer weights.
+                the alignment map M, "score" (B, nc, H, W) aligned scores sqrt(P * M), "box_raw" (B, 4, H, W) xyxy
+                before alignment, "offset" (B, 8, H, W) O, "box" (B, 4, H, W) xyxy after alignment (stride units),
+                "cls_attn"/"reg_attn" (B, stacked_convs) layer weights.
         """
         b, _, h, w = x.shape
         if self.proj:

@@ -156,7 +156,8 @@ class TOODDetectionModel(tasks.DetectionModel):
     """
 
     def __init__(self, cfg: str | dict = "cfg/tood-r50.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True):
-        tasks.BaseModel.__init__(self)  # not DetectionModel's, whose parser is a module global that knows no TOOD module
+        # not DetectionModel's, whose parser is a module global that knows no TOOD module
+        tasks.BaseModel.__init__(self)
         self.yaml = cfg if isinstance(cfg, dict) else tasks.yaml_model_load(cfg)
         self.yaml["channels"] = ch
         if nc and nc != self.yaml["nc"]:
@@ -184,7 +185,9 @@ class TOODDetectionModel(tasks.DetectionModel):
         thead = isinstance(self.model[-1], TOODHead)
         loss = self.yaml.get("loss", "tood" if thead else "v8")
         if loss not in LOSSES:
-            raise ValueError(f"model YAML 'loss: {loss}': choose 'tood' (TAL + QFL + GIoU) or 'v8' (Ultralytics' v8 loss)")
+            raise ValueError(
+                f"model YAML 'loss: {loss}': choose 'tood' (TAL + QFL + GIoU) or 'v8' (Ultralytics' v8 loss)"
+            )
         if loss == "tood":
             return TOODLoss(self)
         return THeadV8Loss(self) if thead else super().init_criterion()

@@ -38,7 +38,9 @@ class FPN(nn.Module):
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
         laterals = [conv(xi) for conv, xi in zip(self.lateral_convs, x)]
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:], mode="nearest")
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[2:], mode="nearest"
+            )
         n = len(laterals)
         outs = [conv(lat) for conv, lat in zip(self.fpn_convs[:n], laterals)]
         for conv in self.fpn_convs[n:]:

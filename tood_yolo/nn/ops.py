@@ -203,6 +203,7 @@ class ModulatedDeformConv(nn.Module):
             return modulated_deform_conv2d(x, offset, mask, c.weight, c.bias, c.stride[0], c.padding[0], c.dilation[0])
         # torchvision's CPU kernel turns a non-finite or huge offset into an out-of-bounds read (floor(NaN) -> INT_MIN)
         # and kills the process: Ultralytics' FLOPs count feeds the model an uninitialised tensor (torch.empty) when
-        # it loads a checkpoint. Any offset beyond the map's extent samples zeros, so the clamp changes no finite result.
+        # it loads a checkpoint.
+        # Any offset beyond the map's extent samples zeros, so the clamp changes no finite result.
         limit = float(sum(x.shape[-2:]) + self.conv.weight.shape[-1])
         return self.conv(x, offset.nan_to_num(0.0, limit, -limit).clamp(-limit, limit), mask)

@@ -69,7 +69,8 @@ def match_predictions(
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """`python -m tood_yolo.tools.coco predictions=... annotations=... [classmap=auto|index|none]`: print COCO's table."""
+    """`python -m tood_yolo.tools.coco predictions=... annotations=... [classmap=auto|index|none]`:
+    print COCO's table."""
     args = {"classmap": "auto"}
     for a in sys.argv[1:] if argv is None else argv:
         k, sep, v = a.partition("=")

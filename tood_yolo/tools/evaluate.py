@@ -5,8 +5,8 @@ Usage:
         annotations=path/to/instances_val2017.json [max_images=N] [out=detections.json] [device=cpu] [half=False]
 
 prints pycocotools' 12-number AP/AR table and writes the detections in COCO's results format. `model` is an Ultralytics
-checkpoint (e.g. from `python -m tood_yolo.tools.convert`, or a trained `best.pt`); in Python, `evaluate(model, ...)` also
-takes a loaded model or any module with the same output.
+checkpoint (e.g. from `python -m tood_yolo.tools.convert`, or a trained `best.pt`); in Python, `evaluate(model, ...)`
+also takes a loaded model or any module with the same output.
 
 The protocol is mmdetection 3.3.0's for tood_r50_fpn_1x_coco (test pipeline + test_cfg), one image per batch:
 
@@ -58,7 +58,8 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from ..nn.backbone import IMAGENET_MEAN, ResNet
-from ..engine.validator import COCO_STATS, coco_eval, load_gt  # noqa: F401  (COCO_STATS: the names of the returned statistics)
+# COCO_STATS: the names of the returned statistics
+from ..engine.validator import COCO_STATS, coco_eval, load_gt  # noqa: F401
 from ..nn.head import TOODHead
 
 SCALE = (1333, 800)  # mmdet Resize scale (long, short), keep_ratio=True

@@ -38,25 +38,30 @@ def _html_page(maps: AlignmentMaps, files: dict[str, str], meta: dict[str, Any])
 <style>
 body {{ font-family: sans-serif; margin: 1em; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ padding: 3px 6px; vertical-align: top; }}
-table.maps img {{ max-width: 300px; }} table.top td, table.top th, table.meta td, table.meta th {{ border: 1px solid #ccc; font-size: 12px; }}
+table.maps img {{ max-width: 300px; }}
+table.top td, table.top th, table.meta td, table.meta th {{ border: 1px solid #ccc; font-size: 12px; }}
 .side {{ display: inline-block; width: 1em; height: 0.6em; }}
 </style></head><body>
 <h1>TOOD alignment maps</h1>
 <table class="meta">{meta_rows}<tr><th>P shows</th><td>{e(cls_text)}</td></tr></table>
 <h2>Score maps</h2>
-<p>Same colour scale for every map: 0 <img src="{e(files['colorbar'])}" alt="colour bar 0 to 1" style="vertical-align: middle; height: 14px; width: 160px"> 1
-(jet). P = sigmoid(cls) is the classification score, M = sigmoid(prob) TOOD's alignment map, and sqrt(P*M) the aligned score
-that ranks the detections. Each grid cell is one block of the letterboxed input.</p>
-<table class="maps"><tr><th>level</th>{''.join(f'<th>{e(MAP_TITLES[k])}</th>' for k in MAP_KEYS)}</tr>{''.join(rows)}</table>
+<p>Same colour scale for every map: 0
+<img src="{e(files['colorbar'])}" alt="colour bar 0 to 1" style="vertical-align: middle; height: 14px; width: 160px">
+1 (jet). P = sigmoid(cls) is the classification score, M = sigmoid(m) TOOD's alignment map, and sqrt(P*M) the aligned
+score that ranks the detections. Each grid cell is one block of the letterboxed input.</p>
+<table class="maps"><tr><th>level</th>{''.join(f'<th>{e(MAP_TITLES[k])}</th>' for k in MAP_KEYS)}</tr>
+{''.join(rows)}</table>
 <h2>Offsets O at the top-{len(maps.top)} locations</h2>
 <p>Arrows from each anchor point to where each box side's coordinate is sampled from (offset in grid cells x stride):
 <span class="side" style="background:#f00"></span> x1 <span class="side" style="background:#0c0"></span> y1
-<span class="side" style="background:#00f"></span> x2 <span class="side" style="background:#fd0"></span> y2; the aligned box in white.</p>
+<span class="side" style="background:#00f"></span> x2 <span class="side" style="background:#fd0"></span> y2;
+the aligned box in white.</p>
 <p><img src="{e(files['offsets'])}" alt="offsets" style="max-width: 100%"></p>
 <table class="top"><tr><th>#</th><th>level</th><th>i</th><th>j</th><th>sqrt(P*M)</th><th>class</th>
 <th>O (dy,dx per side x1 y1 x2 y2, cells)</th><th>box xyxy (px)</th></tr>{top_rows}</table>
 <h2>Layer attention</h2>
-<p>Task-decomposition weights of the {len(maps.levels[0].cls_attn)} inter layers, per level: cls (orange) and reg (blue).</p>
+<p>Task-decomposition weights of the {len(maps.levels[0].cls_attn)} inter layers, per level: cls (orange) and reg
+(blue).</p>
 <p><img src="{e(files['attention'])}" alt="layer attention"></p>
 <h2>All maps</h2><p><img src="{e(files['montage'])}" alt="montage" style="max-width: 100%"></p>
 </body></html>
