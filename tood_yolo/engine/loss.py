@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.tal import make_anchors
 
-from .assigners import ATSSAssigner, TALAssigner
 from ..nn.head import TOODHead
+from .assigners import ATSSAssigner, TALAssigner
 from .recipe import ATSSWarmup, LossScale, arg, check_recipe, recipe_of
 
 

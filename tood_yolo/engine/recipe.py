@@ -1,4 +1,5 @@
-"""TOOD's two training recipes and the one owner of the loss-scale contract.
+"""TOOD's two training recipes, and the one owner of the loss-scale contract (`LossScale`) and of the ATSS warm-up
+(`ATSSWarmup`).
 
 `mmdet` is the reference's COCO 1x recipe for an ImageNet-initialised ResNet (`tood_r50_fpn_1x_coco`), kept exactly: the
 default of the paper's models. `ultralytics` is Ultralytics' own defaults for everything (optimizer=auto, lr0, `nbs`

@@ -12,9 +12,9 @@ from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..nn.model import TOODDetectionModel
-from .validator import TOODDetectionValidator
 from .loss import TOODLoss
 from .recipe import RECIPES, LossScale, check_recipe, model_yaml_of, recipe_of
+from .validator import TOODDetectionValidator
 
 WARMUP_ITERS = 500  # mmdet LinearLR over the first 500 iterations
 MILESTONES = (8 / 12, 11 / 12)  # lr x0.1 at epoch 8 and again at 11 of 12 (16 and 22 of 24 for the 2x schedule)

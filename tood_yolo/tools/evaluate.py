@@ -57,9 +57,9 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from ..nn.backbone import IMAGENET_MEAN, ResNet
 # COCO_STATS: the names of the returned statistics
 from ..engine.validator import COCO_STATS, coco_eval, load_gt  # noqa: F401
+from ..nn.backbone import IMAGENET_MEAN, ResNet
 from ..nn.head import TOODHead
 
 SCALE = (1333, 800)  # mmdet Resize scale (long, short), keep_ratio=True
