@@ -85,3 +85,18 @@ def test_flat_layout_module_names_resolve_for_old_pickles():
             if hasattr(new, name):
                 # pickle's own lookup: import the module by its old dotted name, then the attribute
                 assert pickle.Unpickler(io.BytesIO()).find_class(f"tood_yolo.{old}", name) is getattr(new, name)
+
+
+def test_tood_model_class_builds_an_ultralytics_yaml_exactly_as_detection_model():
+    """`TOODDetectionModel` repeats `DetectionModel`'s set-up around its own parser: on a YAML both can build, the two
+    must agree in every attribute, buffer and initial weight (this fails when Ultralytics adds a set-up step)."""
+    torch.manual_seed(0)
+    ours = TOODDetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    torch.manual_seed(0)
+    theirs = tasks.DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    assert set(vars(ours)) == set(vars(theirs))
+    assert (ours.yaml, ours.names, ours.save, ours.inplace) == (theirs.yaml, theirs.names, theirs.save, theirs.inplace)
+    assert torch.equal(ours.stride, theirs.stride) and torch.equal(ours.model[-1].stride, theirs.model[-1].stride)
+    assert repr(ours.model) == repr(theirs.model)  # module settings too: BatchNorm eps/momentum, inplace activations
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
