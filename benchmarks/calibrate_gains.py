@@ -31,26 +31,24 @@ from ultralytics.data import build_dataloader, build_yolo_dataset  # noqa: E402
 from ultralytics.data.utils import check_det_dataset  # noqa: E402
 from ultralytics.nn.tasks import yaml_model_load  # noqa: E402
 
-from tood_yolo import TOODDetectionModel as DetectionModel  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import tood_yolo  # noqa: E402,F401  (registers TOOD)
+from tood_yolo import TOODDetectionModel  # noqa: E402  (importing the package registers TOOD)
 from tood_yolo.engine.recipe import ULTRALYTICS_GAIN  # noqa: E402
 
 # (T-head model, its Detect twin, number of shared leading rows)
 PAIRS = {"tood-n": ("cfg/tood-n.yaml", "cfg/ablation-detect-n.yaml", 11)}
 
 
-def build(cfg: str, nc: int, seed: int, args) -> DetectionModel:
+def build(cfg: str, nc: int, seed: int, args) -> TOODDetectionModel:
     """A model of `cfg` for `nc` classes from `seed`, with the trainer's arguments attached as Ultralytics does."""
     torch.manual_seed(seed)
-    model = DetectionModel(yaml_model_load(ROOT / cfg), nc=nc, verbose=False)
+    model = TOODDetectionModel(yaml_model_load(ROOT / cfg), nc=nc, verbose=False)
     model.args = args
     return model.train()
 
 
-def trunk_grad_norm(model: DetectionModel, batch: dict, shared: int, epoch: int = 0) -> float:
+def trunk_grad_norm(model: TOODDetectionModel, batch: dict, shared: int, epoch: int = 0) -> float:
     """Norm of the gradient of the model's training loss (as back-propagated) on its first `shared` rows."""
     model.zero_grad()
     model.criterion = model.init_criterion()
