@@ -16,8 +16,9 @@ seeds, from scratch, `val=False` (no checkpoint is picked on evaluation data: be
 - `thead-tood`:  cfg/tood-n.yaml, the T-head + TOOD's loss (TOOD itself).
 Optional rows: `thead-tood-w0` / `thead-tood-w8` (0 / 8 ATSS warm-up epochs instead of 4, for the warm-up choice:
 evaluate with split=val), `thead-tood-g8` (GroupNorm with 8 groups of 8 channels, the paper's group size, instead of
-32 groups of 2 at tood-n's 64 channels; `yolo11n-tood-g8` the same for the twin), and the
-Ultralytics twins `yolov8n`, `yolov8n-tood`, `yolo11n`, `yolo11n-tood` where those configs exist (cfg/ or Ultralytics).
+32 groups of 2 at tood-n's 64 channels; `yolo11n-tood-g8` the same for the twin), `yolo11n-tood-c2` (2 inter
+convs instead of 6: the latency goal's head), and the Ultralytics twins `yolov8n`, `yolov8n-tood`, `yolo11n`,
+`yolo11n-tood` where those configs exist (cfg/ or Ultralytics).
 
 Presets: `cpu` (default) bccd train -> test, 3 seeds, 20 epochs, imgsz 256, batch 16: about 75 min on an idle 2-core
 CPU; `quick` 1 epoch, seed 0, imgsz 128 (a smoke run, written to runs/ablation-quick); `gpu` bccd and coco128 (train2017
