@@ -7,8 +7,8 @@
   unhelpful reason. `verify_labels` wraps Ultralytics' `verify_image_label` so that it names the label file, the
   line and the fault first, then defers to Ultralytics' own checks;
 - no labels folder: Ultralytics scans, finds nothing and fails on a `.cache` file that was never written.
-  `get_label_files` wraps `YOLODataset.get_label_files`, which then says "no labels folder at ..." (an error for a training set, a warning for validation, as
-  Ultralytics treats unlabelled validation sets);
+  `get_label_files` wraps `YOLODataset.get_label_files`, which then says "no labels folder at ..." (an error for a
+  training set, a warning for validation, as Ultralytics treats unlabelled validation sets);
 - damaged video frames: `yolo predict` ends a video at the first frame FFmpeg cannot decode. Its loader becomes
   `tood_yolo.tools.deploy.skipping_loader_class()`, which skips and logs such frames, as `predict.py` does.
 """
