@@ -183,3 +183,61 @@ def _decomp_inputs(head, x):
 def test_bad_head_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TOODHead(**{"nc": 80, "ch": (256,) * 5, **kwargs})
+
+
+def _small_head(levels: int = 2) -> TOODHead:
+    """A small anchor-free T-head whose distances vary from cell to cell and whose offset map O is its last bias."""
+    head = TOODHead(nc=3, feat_channels=16, stacked_convs=2, norm_groups=4, ch=(8,) * levels)
+    with torch.no_grad():
+        torch.nn.init.normal_(head.tood_reg.weight, 0, 0.1)  # reference init (0.01) gives exp(reg) ~ 1 everywhere
+        head.reg_offset_module[2].weight.zero_()  # O = bias at every location (0 until a test sets it)
+        head.reg_offset_module[2].bias.zero_()
+    return head.eval()
+
+
+def _ltrb(box: torch.Tensor) -> torch.Tensor:
+    """(B, 4, H, W) xyxy boxes in stride units -> (B, 4, H, W) distances from their anchor points (j, i), offset 0."""
+    h, w = box.shape[2:]
+    i, j = torch.arange(h, dtype=box.dtype).view(h, 1), torch.arange(w, dtype=box.dtype).view(1, w)
+    return torch.stack((j - box[:, 0], i - box[:, 1], box[:, 2] - j, box[:, 3] - i), 1)
+
+
+def test_level_scale_multiplies_that_levels_distances_only():
+    """Scale i multiplies level i's exp(reg) distances (the reference's Scale after exp), and no other level's."""
+    head = _small_head(levels=3)
+    x = [torch.randn(2, 8, 7, 5), torch.randn(2, 8, 4, 3), torch.randn(2, 8, 2, 2)]
+    with torch.no_grad():
+        before = head.forward_levels(x)
+        head.scales[1].scale.fill_(2.0)
+        after = head.forward_levels(x)
+    for level in before + after:
+        assert torch.equal(level["offset"], torch.zeros_like(level["offset"]))
+        torch.testing.assert_close(level["box"], level["box_raw"])  # zero offsets sample each box at its own cell
+    torch.testing.assert_close(
+        _ltrb(after[1]["box_raw"]),
+        2 * _ltrb(before[1]["box_raw"]),
+        msg="level 1's scale of 2 did not double its distances",
+    )
+    for k in (0, 2):
+        assert torch.equal(after[k]["box_raw"], before[k]["box_raw"]), f"the scale of level 1 changed level {k}"
+
+
+@pytest.mark.parametrize("frac", [1.0, 0.5])
+def test_offsets_sample_each_side_from_its_own_neighbour(frac):
+    """O's channels (dy, dx) per coordinate x1, y1, x2, y2: x1 from the left, y1 from above, x2 from below, y2 from the
+    right; a whole cell takes the neighbour's value, half a cell the mean of the two (bilinear sampling)."""
+    head = _small_head(levels=1)
+    x = [torch.randn(2, 8, 6, 7)]
+    offset = torch.tensor([0.0, -1.0, -1.0, 0.0, 1.0, 0.0, 0.0, 1.0]) * frac
+    with torch.no_grad():
+        head.reg_offset_module[2].bias.copy_(offset)
+        level = head.forward_levels(x)[0]
+    torch.testing.assert_close(level["offset"], offset.view(1, 8, 1, 1).expand_as(level["offset"]))
+    raw = level["box_raw"]  # compared on the cells whose four neighbours exist
+    neighbour = torch.stack((raw[:, 0, 1:-1, :-2], raw[:, 1, :-2, 1:-1], raw[:, 2, 2:, 1:-1], raw[:, 3, 1:-1, 2:]), 1)
+    expected = (1 - frac) * raw[:, :, 1:-1, 1:-1] + frac * neighbour
+    # each side moved outwards, so the box stays valid (x1 < x2, y1 < y2) and alignment keeps the sampled values
+    torch.testing.assert_close(
+        level["box"][:, :, 1:-1, 1:-1], expected, msg=f"aligned box sides not sampled {frac} cell from their own cell"
+    )
+    assert not torch.allclose(expected, raw[:, :, 1:-1, 1:-1]), "the neighbours' values must differ from the cell's"
