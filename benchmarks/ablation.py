@@ -87,6 +87,19 @@ MODELS = {
     "yolo11n-tood-c2": (ROOT / "cfg/yolo11n-tood.yaml", ("[nc, 64, 6, 0, anchor_free", "[nc, 64, 2, 0, anchor_free"),
                         "YOLO11n neck + T-head (2 inter convs) + TOOD loss", "TOODTrainer"),
 }
+# The T-head family on YOLO11n's neck (TOODHead's norm, trunk, inter convs and reg): yolo11n-tood-{sepbn,bn}-c{2,6}
+# [-dfl] and yolo11n-tood-c2-dfl. sepbn: BatchNorm per level on the paper's shared trunk; bn: a trunk per level.
+TWIN_ROW = "[nc, 64, 6, 0, anchor_free, 0.0, 32]"
+for _key, _norm, _trunk in (("", "gn", "shared"), ("-sepbn", "bn", "shared"), ("-bn", "bn", "level")):
+    for _convs in (2, 6):
+        for _reg in ("ltrb", "dfl"):
+            _name = f"yolo11n-tood{_key}-c{_convs}" + ("-dfl" if _reg == "dfl" else "")
+            if _name == "yolo11n-tood-c6":  # the paper's head: yolo11n-tood
+                continue
+            _row = f"[nc, 64, {_convs}, 0, anchor_free, 0.0, 32, {_norm}, {_trunk}, {_reg}]"
+            MODELS.setdefault(_name, (ROOT / "cfg/yolo11n-tood.yaml", (TWIN_ROW, _row),
+                                      f"YOLO11n neck + T-head ({_norm}, {_trunk} trunk, {_convs} inter convs, {_reg}) "
+                                      "+ TOOD loss", "TOODTrainer"))
 TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
 DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "coco128": ("train2017", "val2017")}
 PRESETS = {

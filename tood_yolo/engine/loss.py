@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ultralytics.utils.loss import v8DetectionLoss
+from ultralytics.utils.loss import DFLoss, v8DetectionLoss
 from ultralytics.utils.tal import make_anchors
 
 from ..nn.head import TOODHead
@@ -92,20 +92,22 @@ class TOODLoss:
 
     Epochs of the ATSS warm-up (`ATSSWarmup`): ATSS targets, focal loss on hard labels / number of positives and
     centreness-weighted GIoU / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft
-    label and t_hat-weighted GIoU, both / max(sum of t_hat, 1). DDP training steps all-reduce the factors. The recipe
+    label and t_hat-weighted GIoU, both / max(sum of t_hat, 1). A T-head with DFL distances (`reg="dfl"`) adds
+    Ultralytics' DFL term on its aligned distributions, weighted and normalised as the GIoU term (not the reference's:
+    its head has no distributions). DDP training steps all-reduce the factors. The recipe
     (`tood_yolo.engine.recipe`) decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=`
     gains, calibrated, under ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up
     come from the trainer's arguments, which Ultralytics attaches to the model as `model.args`, else from the model
     YAML. Set `epoch` (a plain int) at every epoch start; `TOODTrainer` does.
 
     Returns (when called with predictions and a batch): the loss to back-propagate and the detached
-    {"loss_cls", "loss_bbox"} of the batch, as the reference logs them (weighted, per positive, not scaled).
+    {"loss_cls", "loss_bbox"} (and "loss_dfl") of the batch, as the reference logs them (weighted, per positive, not
+    scaled).
     """
 
     preprocess = v8DetectionLoss.preprocess  # padded (B, M, 5) class + pixel xyxy targets, as Ultralytics builds them
     parse_output = v8DetectionLoss.parse_output
     bbox_decode = v8DetectionLoss.bbox_decode  # Detect's DFL expectation (or ltrb distances) to xyxy boxes
-    loss_names = ("loss_cls", "loss_bbox")
 
     def __init__(
         self,
@@ -122,9 +124,10 @@ class TOODLoss:
         self.detect_head = not isinstance(head, TOODHead)  # distances and logits to decode (the ablation's Detect)
         self.use_dfl = head.reg_max > 1  # what `bbox_decode` (v8's) reads
         self.proj = torch.arange(head.reg_max, dtype=torch.float, device=self.device)
+        self.dfl_loss = DFLoss(head.dfl.c1) if getattr(head, "reg", "ltrb") == "dfl" else None
         self.recipe = check_recipe(arg(args, "recipe") or recipe_of(yaml))
         self.scale = LossScale(self.recipe)
-        self.gains = arg(args, "cls"), arg(args, "box")
+        self.gains = arg(args, "cls"), arg(args, "box"), arg(args, "dfl")
         self.atss_warmup = ATSSWarmup.of(args, yaml, self.recipe)
         self.assigner = TALAssigner(self.nc, topk=topk, alpha=alpha, beta=beta)
         self.initial_assigner = ATSSAssigner(self.nc, topk=atss_topk)
@@ -139,11 +142,9 @@ class TOODLoss:
         preds = self.parse_output(preds)
         with torch.autocast(self.device.type, enabled=False):  # fp32 under AMP, as the reference (and BCE needs it)
             boxes, scores = self.decode(preds)
-            loss_cls, loss_bbox = self.loss(boxes, scores, preds["feats"], batch)
-        return self.scale.scale(loss_cls + loss_bbox, boxes.shape[0]), {
-            "loss_cls": loss_cls.detach(),
-            "loss_bbox": loss_bbox.detach(),
-        }
+            dists = preds["dists"].float().permute(0, 2, 1) if self.dfl_loss else None
+            losses = self.loss(boxes, scores, preds["feats"], batch, dists)
+        return self.scale.scale(sum(losses.values()), boxes.shape[0]), {k: v.detach() for k, v in losses.items()}
 
     def decode(self, preds: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A, 4) xyxy boxes in stride units and (B, A, C) probabilities from the head's training outputs.
@@ -158,8 +159,13 @@ class TOODLoss:
         return boxes, scores
 
     def loss(
-        self, boxes: torch.Tensor, scores: torch.Tensor, feats: list[torch.Tensor], batch: dict
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        feats: list[torch.Tensor],
+        batch: dict,
+        dists: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Classification and box losses of a batch.
 
         Args:
@@ -167,9 +173,11 @@ class TOODLoss:
             scores (torch.Tensor): (B, A, C) aligned scores (probabilities).
             feats (list[torch.Tensor]): The head's input maps (for anchor layout).
             batch (dict): Ultralytics batch with "batch_idx", "cls", "bboxes" (normalised xywh).
+            dists (torch.Tensor, optional): (B, A, 4 * bins) log-probabilities of the distributions behind `boxes`
+                (a DFL T-head's), for the DFL term.
 
         Returns:
-            (tuple[torch.Tensor, torch.Tensor]): loss_cls, loss_bbox (weighted) scalars.
+            (dict[str, torch.Tensor]): "loss_cls", "loss_bbox" (and "loss_dfl") weighted scalars.
         """
         b = boxes.shape[0]
         points, strides = make_anchors(feats, self.stride, self.anchor_offset)  # (A, 2) grid units, (A, 1)
@@ -195,7 +203,8 @@ class TOODLoss:
             box_weight = a.quality[a.fg_mask]
             cls_factor = a.quality.sum()
         strides_pos = strides.expand(b, -1, -1)[a.fg_mask]
-        box = (giou_loss(boxes[a.fg_mask], a.bboxes[a.fg_mask].float() / strides_pos) * box_weight).sum()
+        target_boxes = a.bboxes[a.fg_mask].float() / strides_pos
+        box = (giou_loss(boxes[a.fg_mask], target_boxes) * box_weight).sum()
         # All-reduce only in a training step: a loss that will be back-propagated, whose backward DDP all-reduces on
         # every rank, so every rank reaches it equally often. The validator's loss runs under inference mode, where
         # ranks can see unequal batch counts: a collective there meets another one (or none) and waits until the
@@ -203,8 +212,34 @@ class TOODLoss:
         sync = torch.is_grad_enabled() and scores.requires_grad
         cls_factor = reduce_mean(cls_factor, sync).clamp(min=1)
         box_factor = reduce_mean(box_weight.sum(), sync).clamp(min=1)
-        cls_weight, bbox_weight = self.scale.weights(self.warmup, *self.gains)
-        return cls / cls_factor * cls_weight, box / box_factor * bbox_weight
+        cls_weight, bbox_weight, dfl_weight = self.scale.weights(self.warmup, *self.gains)
+        losses = {"loss_cls": cls / cls_factor * cls_weight, "loss_bbox": box / box_factor * bbox_weight}
+        if dists is not None:
+            dfl = self.dfl_term(boxes[a.fg_mask], dists[a.fg_mask], target_boxes)
+            losses["loss_dfl"] = (dfl * box_weight).sum() / box_factor * dfl_weight
+        return losses
+
+    def dfl_term(self, boxes: torch.Tensor, log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Ultralytics' DFL of each positive's four distributions, mean over the sides.
+
+        Each side's target is the distance from the point its distribution was sampled at (the box side plus or minus
+        the distribution's expectation: x1 + d_l, y1 + d_t, x2 - d_r, y2 - d_b) to the GT side, in strides.
+
+        Args:
+            boxes (torch.Tensor): (N, 4) predicted xyxy boxes of the positives, stride units.
+            log_probs (torch.Tensor): (N, 4 * bins) log-probabilities of their distributions.
+            targets (torch.Tensor): (N, 4) assigned GT boxes, xyxy, stride units.
+
+        Returns:
+            (torch.Tensor): (N,) losses.
+        """
+        bins = self.dfl_loss.reg_max
+        log_probs = log_probs.view(-1, 4, bins)
+        dist = (log_probs.exp() * torch.arange(bins, device=boxes.device, dtype=boxes.dtype)).sum(-1)
+        origin = boxes + torch.cat((dist[:, :2], -dist[:, 2:]), 1)
+        target = torch.cat((origin[:, :2] - targets[:, :2], targets[:, 2:] - origin[:, 2:]), 1).detach()
+        # log-probabilities go in as logits: DFLoss's log-softmax leaves a normalised distribution's as they are
+        return self.dfl_loss(log_probs.view(-1, bins), target).view(-1)
 
 
 class THeadV8Loss(v8DetectionLoss):

@@ -63,8 +63,11 @@ INITIAL_EPOCH = {"mmdet": 4, "ultralytics": 4}
 
 # Ultralytics' default gains of YOLOv8's loss (ultralytics/cfg/default.yaml). Under `ultralytics`, TOOD's weights follow
 # the user's `cls=` / `box=` relative to these, keeping the reference's 1:2 ratio at the defaults.
-V8_CLS_GAIN, V8_BOX_GAIN = 0.5, 7.5
+V8_CLS_GAIN, V8_BOX_GAIN, V8_DFL_GAIN = 0.5, 7.5, 1.5
 TOOD_CLS_WEIGHT, TOOD_BOX_WEIGHT = 1.0, 2.0  # the reference's loss_cls / loss_bbox weights
+# DFL term of the T-head's DFL variant (the reference has none): mmdet's GFL weight of DFL beside GIoU x 2
+# (gfl_r50_fpn_1x_coco: loss_dfl 0.25, loss_bbox 2.0), so the two box terms keep GFL's balance
+TOOD_DFL_WEIGHT = 0.25
 # Gradient-norm calibration (benchmarks/calibrate_gains.py, README "Training: two recipes"): at init, on bccd train
 # batches with Ultralytics' augmentation, the trunk's gradient norm of Detect + v8 loss is 12.0 +- 2.5 times that of the
 # T-head + TOOD loss in the ATSS warm-up (focal loss, alpha 0.25) and 1.51 +- 0.44 times in TAL (2 seeds x 3 batches).
@@ -128,17 +131,23 @@ class LossScale:
         return loss * batch_size
 
     def weights(
-        self, warmup: bool, cls_gain: float | None = None, box_gain: float | None = None
-    ) -> tuple[float, float]:
-        """TOOD's (cls, bbox) loss weights in the ATSS warm-up (`warmup`) or in TAL: the reference's under mmdet; under
-        ultralytics, the reference's scaled by Ultralytics' `cls=` / `box=` gains relative to their defaults (None: the
-        defaults) and calibrated to v8's gradient scale (`ULTRALYTICS_GAIN`)."""
+        self,
+        warmup: bool,
+        cls_gain: float | None = None,
+        box_gain: float | None = None,
+        dfl_gain: float | None = None,
+    ) -> tuple[float, float, float]:
+        """TOOD's (cls, bbox, dfl) loss weights in the ATSS warm-up (`warmup`) or in TAL: the reference's under mmdet;
+        under ultralytics, the reference's scaled by Ultralytics' `cls=` / `box=` / `dfl=` gains relative to their
+        defaults (None: the defaults) and calibrated to v8's gradient scale (`ULTRALYTICS_GAIN`)."""
         if self.recipe == "mmdet":
-            return TOOD_CLS_WEIGHT, TOOD_BOX_WEIGHT
+            return TOOD_CLS_WEIGHT, TOOD_BOX_WEIGHT, TOOD_DFL_WEIGHT
         gain = ULTRALYTICS_GAIN["atss" if warmup else "tal"]
         cls_gain = V8_CLS_GAIN if cls_gain is None else cls_gain
         box_gain = V8_BOX_GAIN if box_gain is None else box_gain
-        return gain * TOOD_CLS_WEIGHT * cls_gain / V8_CLS_GAIN, gain * TOOD_BOX_WEIGHT * box_gain / V8_BOX_GAIN
+        dfl_gain = V8_DFL_GAIN if dfl_gain is None else dfl_gain
+        return (gain * TOOD_CLS_WEIGHT * cls_gain / V8_CLS_GAIN, gain * TOOD_BOX_WEIGHT * box_gain / V8_BOX_GAIN,
+                gain * TOOD_DFL_WEIGHT * dfl_gain / V8_DFL_GAIN)
 
 
 @dataclass(frozen=True)

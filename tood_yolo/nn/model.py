@@ -178,6 +178,11 @@ class TOODDetectionModel(tasks.DetectionModel):
             self.info()
             LOGGER.info("")
 
+    def is_fused(self) -> bool:
+        """Ultralytics' check, plus the BatchNorms of a T-head variant (`fuse()` folds them via `TOODHead.fuse`)."""
+        head = self.model[-1]
+        return super().is_fused() and not (isinstance(head, TOODHead) and not head.is_fused())
+
     def init_criterion(self):
         """The loss the YAML names (`loss: tood` / `loss: v8`), else TOOD's for a T-head and Ultralytics' otherwise."""
         from ..engine.loss import THeadV8Loss, TOODLoss

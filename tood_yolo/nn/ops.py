@@ -1,19 +1,23 @@
-"""The T-head's building blocks: the aligned score, offset sampling, the anchor-based box decode, deformable convs.
+"""The T-head's building blocks: the aligned score, offset sampling, the anchor-based box decode, deformable convs,
+and the norm factory of the head family (GroupNorm as the paper, or BatchNorm per level that fuses into its conv).
 
 Each is checked against an independent computation in tests/test_head.py (torchvision's ops, mmdet's formulas).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops import DeformConv2d
 
 DELTA_STDS = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWHBBoxCoder target_stds of the anchor-based reference (means are 0)
 WH_RATIO_CLIP = 16 / 1000  # mmdet's delta2bbox default clamp of dw, dh
+NORMS = ("gn", "bn")  # the paper's GroupNorm + ReLU, or YOLO's BatchNorm + SiLU (one BatchNorm per level)
 
 
 class SigmoidGeometricMean(torch.autograd.Function):
@@ -51,7 +55,7 @@ def sigmoid_geometric_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.sigmoid() * y.sigmoid()).sqrt()
 
 
-def deform_sampling(feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def deform_sampling(feat: torch.Tensor, offset: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
     """Bilinearly sample each channel of `feat` at its own offset location, zeros outside the map.
 
     Equivalent to mmdet's 1x1 depthwise `deform_conv2d` with unit weight (channel k sampled at (i + dy_k, j + dx_k)),
@@ -61,6 +65,8 @@ def deform_sampling(feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     Args:
         feat (torch.Tensor): (B, C, H, W) maps to sample.
         offset (torch.Tensor): (B, 2C, H, W) offsets in pixels, channels [dy_0, dx_0, dy_1, dx_1, ...].
+        padding_mode (str): `grid_sample`'s: "zeros" (the reference's deform conv) or "border" (the edge's values,
+            so that sampled distributions stay distributions).
 
     Returns:
         (torch.Tensor): (B, C, H, W) sampled maps.
@@ -72,7 +78,9 @@ def deform_sampling(feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     gx = (2 * (xs + dx) + 1) / w - 1  # pixel -> [-1, 1] with align_corners=False
     gy = (2 * (ys + dy) + 1) / h - 1
     grid = torch.stack((gx, gy), -1).view(b * c, h, w, 2)
-    out = F.grid_sample(feat.reshape(b * c, 1, h, w), grid.to(feat.dtype), align_corners=False, padding_mode="zeros")
+    out = F.grid_sample(
+        feat.reshape(b * c, 1, h, w), grid.to(feat.dtype), align_corners=False, padding_mode=padding_mode
+    )
     return out.view(b, c, h, w)
 
 
@@ -123,16 +131,93 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class PerLevel(nn.ModuleList):
+    """One module per pyramid level where the paper's head has one shared by all levels; `at` picks a level's."""
+
+
+def at(module: nn.Module, level: int) -> nn.Module:
+    """The module that serves pyramid level `level`: its own if `module` is `PerLevel`, else the shared one."""
+    return module[level] if isinstance(module, PerLevel) else module
+
+
+def every(module: nn.Module) -> list[nn.Module]:
+    """The modules of all levels: each of a `PerLevel`, else the shared one."""
+    return list(module) if isinstance(module, PerLevel) else [module]
+
+
+def _conv(c1: int, c2: int, k: int, dcn: bool, deform_groups: int) -> nn.Module:
+    """Bias-free kxk conv, or a 3x3 modulated deformable conv (DCNv2)."""
+    if dcn:
+        return ModulatedDeformConv(c1, c2, 3, 1, deform_groups=deform_groups)
+    return nn.Conv2d(c1, c2, k, padding=k // 2, bias=False)
+
+
 class ConvGNReLU(nn.Sequential):
-    """Bias-free kxk conv (or 3x3 modulated deformable conv) + GroupNorm + ReLU, mmcv's ConvModule layout."""
+    """Bias-free kxk conv (or 3x3 modulated deformable conv) + GroupNorm + ReLU, mmcv's ConvModule layout.
+
+    GroupNorm has no statistics per level, so one module serves every level; `forward` takes the level only to be
+    called as `ConvBNAct` is.
+    """
 
     def __init__(self, c1: int, c2: int, dcn: bool = False, deform_groups: int = 4, groups: int = 32, k: int = 3):
-        if dcn:
-            conv = ModulatedDeformConv(c1, c2, 3, 1, deform_groups=deform_groups)
-        else:
-            conv = nn.Conv2d(c1, c2, k, padding=k // 2, bias=False)
         super().__init__()
-        self.conv, self.gn, self.act = conv, nn.GroupNorm(groups, c2), nn.ReLU(inplace=True)
+        self.conv, self.gn, self.act = _conv(c1, c2, k, dcn, deform_groups), nn.GroupNorm(groups, c2), nn.ReLU(True)
+
+    def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+        """(B, c1, H, W) -> (B, c2, H, W)."""
+        return self.act(self.gn(self.conv(x)))
+
+
+def fuse_conv_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    """`conv` (a conv or `ModulatedDeformConv`) with `bn` folded into its weight and bias, in place, frozen."""
+    target = conv.conv if isinstance(conv, ModulatedDeformConv) else conv
+    target.weight, target.bias = fuse_conv_bn_weights(
+        target.weight, target.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+    return conv.requires_grad_(False)
+
+
+class ConvBNAct(nn.Module):
+    """Bias-free kxk conv (or 3x3 DCNv2) + BatchNorm + SiLU, as Ultralytics' `Conv`, for levels that may share it.
+
+    With `levels` > 1 one conv serves every level and each level has its own BatchNorm (RTMDet's SepBN): levels differ
+    in their statistics, and one BatchNorm shared by them trains badly (mmdetection #6515). `fuse` folds each level's
+    BatchNorm into its own copy of the conv, so an exported graph has no BatchNormalization node.
+    """
+
+    def __init__(self, c1: int, c2: int, k: int = 3, dcn: bool = False, deform_groups: int = 4, levels: int = 1):
+        super().__init__()
+        self.conv = _conv(c1, c2, k, dcn, deform_groups)
+        self.bn = bn_layer(c2, levels)
+        self.act = nn.SiLU(inplace=True)
+
+    def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+        """(B, c1, H, W) map of pyramid level `level` -> (B, c2, H, W)."""
+        if hasattr(self, "bn"):
+            return self.act(at(self.bn, level)(self.conv(x)))
+        return self.act(at(self.conv, level)(x))  # fused
+
+    def fuse(self) -> None:
+        """Fold the BatchNorm(s) into the conv: one fused copy of the conv per level."""
+        if hasattr(self, "bn"):
+            bns = every(self.bn)
+            convs = [fuse_conv_bn(copy.deepcopy(self.conv) if len(bns) > 1 else self.conv, bn) for bn in bns]
+            self.conv = PerLevel(convs) if isinstance(self.bn, PerLevel) else convs[0]
+            del self.bn
+
+
+def bn_layer(c: int, levels: int = 1) -> nn.Module:
+    """A BatchNorm of `c` channels, or one per level (`PerLevel`) when `levels` > 1."""
+    return nn.BatchNorm2d(c) if levels == 1 else PerLevel(nn.BatchNorm2d(c) for _ in range(levels))
+
+
+def conv_norm_act(
+    norm: str, c1: int, c2: int, k: int = 3, dcn: bool = False, groups: int = 32, levels: int = 1
+) -> nn.Module:
+    """The norm factory's conv unit: `ConvGNReLU` ("gn", the paper's) or `ConvBNAct` ("bn", a BatchNorm per level)."""
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r}: choose 'gn' (GroupNorm, the paper's) or 'bn' (BatchNorm per level)")
+    return ConvGNReLU(c1, c2, dcn=dcn, groups=groups, k=k) if norm == "gn" else ConvBNAct(c1, c2, k, dcn, levels=levels)
 
 
 def modulated_deform_conv2d(
