@@ -9,8 +9,10 @@ F.batch_norm, F.group_norm, torchvision's deform_conv2d standing in for mmcv's),
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
+import os
 import pickle
 import shutil
 import sys
@@ -39,6 +41,8 @@ from tood_yolo.tools.evaluate import (
     preprocess,
     reference_resize_shape,
 )
+
+from test_safe_load import save_mmdet3  # tests/ is on sys.path (pytest's rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 # mmdet's data pre-processor, in 0-255 RGB (an independent copy of the constants our ResNet applies in [0, 1])
@@ -483,21 +487,29 @@ def test_num_batches_tracked_optional(r50, r50_state, r50_reference):
         assert_matches_reference(model(INPUT)[0], r50_reference[0])
 
 
-def test_authors_release_layout(r50, r50_state, r50_reference):
-    """fcjian/TOOD checkpoints (the authors' mmdet 2.14 code) name the layer attention and M / O convs differently."""
-    renames = {
-        "layer_attention.0.": "la_conv1.",
-        "layer_attention.2.": "la_conv2.",
-        "cls_prob_module.0.": "cls_prob_conv1.",
-        "cls_prob_module.2.": "cls_prob_conv2.",
-        "reg_offset_module.0.": "reg_offset_conv1.",
-        "reg_offset_module.2.": "reg_offset_conv2.",
-    }
+AUTHOR_RENAMES = {  # mmdet's key part -> fcjian/TOOD's, written from the authors' mmdet 2.14 code
+    "layer_attention.0.": "la_conv1.",
+    "layer_attention.2.": "la_conv2.",
+    "cls_prob_module.0.": "cls_prob_conv1.",
+    "cls_prob_module.2.": "cls_prob_conv2.",
+    "reg_offset_module.0.": "reg_offset_conv1.",
+    "reg_offset_module.2.": "reg_offset_conv2.",
+}
+
+
+def authors_layout(state: dict) -> dict:
+    """`state` under the key names of the authors' release."""
     sd = {}
-    for k, v in r50_state.items():
-        for a, b in renames.items():
+    for k, v in state.items():
+        for a, b in AUTHOR_RENAMES.items():
             k = k.replace(a, b)
         sd[k] = v
+    return sd
+
+
+def test_authors_release_layout(r50, r50_state, r50_reference):
+    """fcjian/TOOD checkpoints (the authors' mmdet 2.14 code) name the layer attention and M / O convs differently."""
+    sd = authors_layout(r50_state)
     assert "bbox_head.cls_decomp.la_conv1.weight" in sd and "bbox_head.reg_offset_conv2.bias" in sd
     meta = {"config": "num_dcn_on_head=0, anchor_type='anchor_free'"}
     model = load_mmdet_checkpoint({"state_dict": sd, "meta": meta}, r50)
@@ -539,6 +551,71 @@ def test_reads_mmdet3_meta_with_foreign_objects(tmp_path, r50_state):
         torch.load(tmp_path / "m3.pth", weights_only=False)  # what a plain load does without the package
     state, meta = read_mmdet_checkpoint(tmp_path / "m3.pth")
     assert set(state) == set(r50_state) and meta["dataset_meta"]["classes"][3] == "c3"
+
+
+class _RunsCode:
+    """What the issue's crafted checkpoint holds in its meta: unpickling it runs `touch marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _EvalsCode(_RunsCode):
+    def __reduce__(self):
+        return builtins.eval, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_convert_runs_no_code_from_the_checkpoint(tmp_path, r50_state):
+    """os.system in the meta is refused by name; builtins.eval becomes an inert stand-in and the conversion goes on.
+    Legacy format, as mmdet publishes its checkpoints."""
+    marker, crafted, dst = tmp_path / "marker", tmp_path / "crafted.pth", tmp_path / "out.pt"
+    cfg = str(ROOT / "cfg" / "tood-r50.yaml")
+    names = tuple(f"c{i}" for i in range(NC))
+    torch.save({"state_dict": r50_state, "meta": {"CLASSES": names, "x": _RunsCode(marker)}}, crafted,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=f"{crafted.name} names posix.system"):
+        main([str(crafted), str(dst), "--cfg", cfg])
+    assert not marker.exists() and not dst.exists()
+    torch.load(crafted, weights_only=False)
+    assert marker.exists()  # the payload is live: the old converter's full unpickler ran it
+    marker.unlink()
+
+    torch.save({"state_dict": r50_state, "meta": {"CLASSES": names, "x": _EvalsCode(marker)}}, crafted,
+               _use_new_zipfile_serialization=False)
+    assert main([str(crafted), str(dst), "--cfg", cfg]) == dst
+    assert not marker.exists()
+    assert torch.load(dst, weights_only=False)["model"].names[5] == "c5"
+
+
+def test_converts_an_mmdet3_file_with_mmengine_objects(tmp_path, r50_state, r50_reference):
+    """mmdet 3.x meta: dataset_meta, config text, mmengine's message hub and history buffers (numpy inside), pickled
+    while modules named as mmengine's existed; converted without them, class names and outputs intact."""
+    src = save_mmdet3(r50_state, tuple(f"k{i}" for i in range(NC)), tmp_path / "m3.pth", "legacy")
+    model = load_mmdet_checkpoint(src, str(ROOT / "cfg" / "tood-r50.yaml"))
+    assert "mmengine" not in sys.modules  # nothing was imported by its pickled name
+    assert model.names[0] == "k0" and model.names[79] == "k79"
+    with torch.no_grad():
+        assert_matches_reference(model(INPUT)[0], r50_reference[0])
+
+
+def test_authors_release_file(tmp_path, r50_state, r50_reference):
+    """A file of the authors' release (fcjian/TOOD, mmdet 2.14: legacy format, meta with CLASSES, the config text and
+    numpy values) converts, outputs equal to the reference."""
+    meta = {
+        "CLASSES": tuple(f"a{i}" for i in range(NC)),
+        "config": "model = dict(bbox_head=dict(type='TOODHead', num_dcn_on_head=0, anchor_type='anchor_free'))",
+        "mmcv_version": "1.3.8",
+        "hook_msgs": {"best_score": np.float64(0.421), "iters": np.arange(3)},
+    }
+    src = tmp_path / "tood_r50_fpn_1x_coco.pth"
+    torch.save({"state_dict": authors_layout(r50_state), "meta": meta}, src, _use_new_zipfile_serialization=False)
+    model = load_mmdet_checkpoint(src, str(ROOT / "cfg" / "tood-r50.yaml"))
+    assert model.names[3] == "a3"
+    with torch.no_grad():
+        assert_matches_reference(model(INPUT)[0], r50_reference[0])
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,10 @@ naming every offending key (`num_batches_tracked` may be absent: it is never use
 is read from `bbox_head.tood_cls.weight`; the anchor type cannot be read from the weights (both variants have the same
 tensors), so it comes from the YAML, checked against the config text stored in the checkpoint's meta when present.
 
+Reading: the `.pth` is loaded by `tood_yolo.tools.safe_load.load_untrusted`, which imports and runs nothing the file
+names (torch's weights_only unpickler, numpy arrays allowed, other objects replaced by inert stand-ins); a file that
+needs more fails with a `ValueError` naming what it asked for.
+
 Inputs: the reference normalises BGR->RGB pixels with mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375);
 the converted model takes Ultralytics' RGB input in [0, 1] and applies the same normalisation inside the ResNet.
 """
@@ -50,10 +54,8 @@ the converted model takes Ultralytics' RGB input in [0, 1] and applies the same 
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 import sys
-import types
 from datetime import datetime
 from pathlib import Path
 
@@ -64,6 +66,7 @@ from ..nn.backbone import ResNet  # importing the package registers TOOD's YAML 
 from ..nn.head import TOODHead
 from ..nn.neck import FPN
 from ..nn.ops import ModulatedDeformConv
+from .safe_load import load_untrusted
 
 # The repository's model YAMLs (an editable install or a checkout; a wheel carries no cfg/, hence --cfg)
 DEFAULT_CFG = Path(__file__).resolve().parents[2] / "cfg" / "tood-r50.yaml"
@@ -83,58 +86,20 @@ PREDICT_IMGSZ = 1024
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading mmdet checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
-class _Opaque:
-    """Stand-in for a class a checkpoint's meta pickles but this environment lacks (e.g. mmengine's HistoryBuffer)."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _LenientUnpickler(pickle.Unpickler):
-    """Unpickler that replaces classes it cannot import by `_Opaque` (only the tensors of the checkpoint are used)."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Opaque,), {"__module__": module})
-
-
-_lenient_pickle = types.ModuleType("tood_yolo_lenient_pickle")
-_lenient_pickle.Unpickler = _LenientUnpickler
-_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
-_lenient_pickle.__name__ = "tood_yolo_lenient_pickle"
-
-
 def read_mmdet_checkpoint(checkpoint: str | Path | dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Return (state_dict, meta) of an mmdet checkpoint file or an already loaded checkpoint / state dict.
 
-    Files are first read with `torch.load(weights_only=True)`; mmdet 3.x checkpoints also pickle mmengine objects in
-    their meta (message hub, history buffers), which that refuses: they are then read with a full unpickler that
-    replaces classes not installed here by inert stand-ins. Convert only checkpoints from a source you trust.
+    Files are read by `load_untrusted`, which imports and runs nothing the file names: the tensors, class names and
+    config text are plain data; objects of other classes in the meta (mmengine's message hub in mmdet 3.x) come back
+    as inert stand-ins.
     """
-    if isinstance(checkpoint, (str, Path)):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"mmdet checkpoint '{path}' does not exist")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
-            except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # not a pickle, empty, truncated zip
-                raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-        except (EOFError, RuntimeError) as e:
-            raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    else:
-        ckpt = checkpoint
+    ckpt = load_untrusted(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     if not isinstance(ckpt, dict):
         raise TypeError(f"an mmdet checkpoint is a dict with 'state_dict', got {type(ckpt).__name__}")
     meta = ckpt.get("meta") or {}
     state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict):
+        raise TypeError(f"an mmdet checkpoint's 'state_dict' is a dict of tensors, got {type(state).__name__}")
     state = {_mmdet_alias(k.removeprefix("module.")): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise ValueError("the mmdet checkpoint holds no tensors")
@@ -149,9 +114,13 @@ def _mmdet_alias(key: str) -> str:
 
 
 def class_names(meta: dict, nc: int) -> dict[int, str]:
-    """Class names from mmdet's meta ('dataset_meta'['classes'] in 3.x, 'CLASSES' in 2.x), else COCO's when nc == 80."""
-    names = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")
-    if names is not None and len(names) == nc:
+    """Class names from mmdet's meta ('dataset_meta'['classes'] in 3.x, 'CLASSES' in 2.x), else COCO's when nc == 80.
+
+    Only a list or tuple of `nc` strings counts (a meta entry can be a stand-in for an object of a foreign class).
+    """
+    dataset_meta = meta.get("dataset_meta")
+    names = (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None) or meta.get("CLASSES")
+    if isinstance(names, (list, tuple)) and len(names) == nc and all(isinstance(n, str) for n in names):
         return {i: str(n) for i, n in enumerate(names)}
     if nc == 80:
         from ultralytics.utils import ROOT, YAML

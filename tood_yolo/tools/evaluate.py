@@ -184,7 +184,12 @@ def predict(model: nn.Module, img: np.ndarray, device: str | torch.device = "cpu
 
 
 def load_model(model: str | Path | nn.Module, device: str | torch.device = "cpu", half: bool = False) -> nn.Module:
-    """An eval-mode model from a module, an Ultralytics `.pt` checkpoint, or a model YAML (random weights)."""
+    """An eval-mode model from a module, an Ultralytics `.pt` checkpoint, or a model YAML (random weights).
+
+    A `.pt` is loaded by Ultralytics' `load_checkpoint`, as `yolo val` loads it: fully unpickled (it pickles the model's
+    classes), so a `.pt` of your own or from a source you trust. An mmdet `.pth` is converted first by
+    `python -m tood_yolo.tools.convert`, which reads it without running code from it.
+    """
     if isinstance(model, (str, Path)):
         path = str(model)
         if path.endswith(".pt"):
@@ -196,7 +201,8 @@ def load_model(model: str | Path | nn.Module, device: str | torch.device = "cpu"
 
             model = TOODDetectionModel(path, verbose=False)
         else:
-            raise ValueError(f"model must be an Ultralytics .pt checkpoint or a model .yaml, got '{path}'")
+            hint = " (convert an mmdet .pth first: python -m tood_yolo.tools.convert)" if path.endswith(".pth") else ""
+            raise ValueError(f"model must be an Ultralytics .pt checkpoint or a model .yaml, got '{path}'{hint}")
     model = model.to(device).eval()
     return model.half() if half else model.float()
 
