@@ -31,7 +31,9 @@ def default_model() -> str:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv, {"source": str(ASSETS), "save": True})
-    model = YOLO(args.pop("model", None) or default_model())
+    weights = args.pop("model", None) or default_model()
+    LOGGER.info(f"predict.py: model {weights}")
+    model = YOLO(weights)
     mode = "track" if args.pop("mode", None) == "track" or "tracker" in args else "predict"
     # fails fast on a webcam/stream that does not open; skips (and logs) corrupt video frames; always streams
     for _ in run(model, args.pop("source"), mode=mode, **args):

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     if metrics is None:  # DDP: the launching process does not receive metrics
         return
     LOGGER.info(
-        f"\nTOOD {Path(model.trainer.args.model).stem} on {Path(args['data']).parent.name}: "
+        f"\n{Path(model.trainer.args.model).stem} on {Path(args['data']).parent.name}: "
         f"mAP50 {metrics.box.map50:.3f}  mAP50-95 {metrics.box.map:.3f}\nweights: {model.trainer.best}"
     )
 

@@ -7,6 +7,7 @@ object must be found and keep its track ID), and PyTorch and every export share 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -203,11 +204,30 @@ def test_video_file_saved_annotated_and_streamed(model, tmp_path):
     cap.release()
 
 
-def test_shared_video_with_stride(model, shared_data):
+@contextlib.contextmanager
+def ultralytics_log(level: int = logging.INFO):
+    """The messages Ultralytics' logger emits at `level` or above inside the block (a list filled as they come)."""
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("ultralytics")
+    old = logger.level
+    logger.setLevel(level)  # YOLO_VERBOSE=false (conftest) keeps Ultralytics' logger at ERROR
+    logger.addHandler(handler)
+    try:
+        yield logged
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+
+
+def test_shared_video_with_stride_logs_its_frame_rate(model, shared_data):
     video = shared_data("videos/dancer.avi")  # 1571 frames, 518x496
-    results = list(deploy.run(model, str(video), imgsz=IMGSZ, vid_stride=300, verbose=False))
+    with ultralytics_log() as logged:
+        results = list(deploy.run(model, str(video), imgsz=IMGSZ, vid_stride=300, verbose=False))
     assert len(results) == 1571 // 300
     assert all(r.orig_shape == (496, 518) for r in results)
+    assert any(re.fullmatch(r"done: 5 frame\(s\) in [\d.]+ s, [\d.]+ frames/s", m) for m in logged), logged
 
 
 def test_corrupt_frame_is_skipped_and_logged(model, tmp_path):
@@ -219,18 +239,8 @@ def test_corrupt_frame_is_skipped_and_logged(model, tmp_path):
     data[soi[5] : soi[5] + 600] = bytes(600)  # frame 6 is no JPEG any more: FFmpeg cannot decode it
     video.write_bytes(data)
 
-    logged = []
-    handler = logging.Handler()
-    handler.emit = lambda record: logged.append(record.getMessage())
-    logger = logging.getLogger("ultralytics")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # YOLO_VERBOSE=false (conftest) keeps Ultralytics' logger at ERROR
-    logger.addHandler(handler)
-    try:
+    with ultralytics_log(logging.WARNING) as logged:
         results = list(deploy.run(model, str(video), imgsz=IMGSZ, verbose=False))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert len(results) == 9  # Ultralytics alone stops at the bad frame and returns 5
     assert any("Video Frame Read Error" in m and "frame 6 of 10" in m for m in logged), logged
     assert found(results[-1], boxes[-1])  # the frames after the bad one are processed

@@ -139,9 +139,10 @@ def test_predict_py_takes_yolo_arguments(offline_env, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(ASSETS / "bus.jpg", images / "bus.jpg")
-    run([sys.executable, str(ROOT / "predict.py"), f"model={ROOT / 'cfg/tood-n.yaml'}", f"source={images}",
-         "imgsz=128", f"project={tmp_path}", "name=pred"], offline_env, tmp_path)
+    out = run([sys.executable, str(ROOT / "predict.py"), f"model={ROOT / 'cfg/tood-n.yaml'}", f"source={images}",
+               "imgsz=128", f"project={tmp_path}", "name=pred"], offline_env, tmp_path)
     assert (tmp_path / "pred" / "bus.jpg").exists()
+    assert f"predict.py: model {ROOT / 'cfg/tood-n.yaml'}" in out and "done: 1 frame(s) in" in out
 
 
 def test_unreadable_image_is_reported(offline_env, tmp_path):

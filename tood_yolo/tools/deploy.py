@@ -36,6 +36,7 @@ import numpy as np
 LOGGER = logging.getLogger("ultralytics")  # Ultralytics' own logger, without importing Ultralytics (and torch)
 STREAM_TIMEOUT = float(os.environ.get("TOOD_STREAM_TIMEOUT", 10))  # seconds a live source gets to deliver a frame
 MAX_SKIPPED_FRAMES = 250  # consecutive undecodable frames after which a video is taken as ended
+RATE_LOG_S = 10.0  # seconds between frame-rate lines while a long video or a live stream runs
 FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 
 
@@ -312,4 +313,32 @@ def run(model, source, mode: str = "predict", **kwargs):
         raise ValueError(f"mode must be 'predict' or 'track', got {mode!r}")
     kwargs.pop("stream", None)
     src = prepare_source(source, batch=kwargs.get("batch") or 1, vid_stride=kwargs.get("vid_stride") or 1)
-    yield from getattr(model, mode)(source=src, stream=True, **kwargs)
+    rate = FrameRate()
+    try:
+        for result in getattr(model, mode)(source=src, stream=True, **kwargs):
+            rate.tick()
+            yield result
+    finally:
+        rate.log(final=True)
+
+
+class FrameRate:
+    """End-to-end frames per second of a prediction stream (read, pre-process, inference, NMS, saving, and whatever
+    the consumer does between frames), logged every `RATE_LOG_S` seconds and when the stream ends."""
+
+    def __init__(self):
+        self.frames, self.start = 0, time.perf_counter()
+        self.last_log = self.start
+
+    def tick(self) -> None:
+        """One more frame; logs the rate so far when `RATE_LOG_S` has passed since the last line."""
+        self.frames += 1
+        if time.perf_counter() - self.last_log >= RATE_LOG_S:
+            self.log()
+
+    def log(self, final: bool = False) -> None:
+        now = time.perf_counter()
+        self.last_log, elapsed = now, now - self.start
+        if self.frames:
+            done = "done: " if final else ""
+            LOGGER.info(f"{done}{self.frames} frame(s) in {elapsed:.1f} s, {self.frames / elapsed:.1f} frames/s")
