@@ -62,10 +62,11 @@ def local_dataset(check_det_dataset):
         try:
             return check_det_dataset(dataset, autodownload=False, split=split)
         except FileNotFoundError as e:
+            # from None: Ultralytics' own message is in this one; its traceback would only bury it
             raise FileNotFoundError(
                 f"dataset {dataset} not found locally (offline: nothing is downloaded); pass data=path/to/data.yaml "
                 f"of a dataset on disk.\n{e}"
-            ) from e
+            ) from None
 
     return check_local_dataset
 
