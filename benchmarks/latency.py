@@ -4,6 +4,7 @@
     python benchmarks/latency.py --quick    # smoke run: tood-n and yolov8n at 320, 3 runs (~30 s)
     python benchmarks/latency.py --models yolo11n-tood yolov8n-tood --sizes 640 --runs 15   # these and their twins
     python benchmarks/latency.py --threads 0 --runs 30 --out latency.md
+    python benchmarks/latency.py --cfg cfg/yolo11n-tood.yaml runs/x.yaml:yolo11n --sizes 640 --runs 31   # any YAMLs
 
 Batch 1, random weights (untrained builds: latency does not depend on training), ms per image = the median of
 `--runs` timed runs after `--warmup` runs. Every model is measured side by side in one process: at each input size
@@ -78,9 +79,9 @@ def interleaved(fns: dict, runs: int, warmup: int) -> dict:
 
 
 def build(name: str, workdir: Path) -> YOLO:
-    """An untrained model from cfg/<name>.yaml or Ultralytics' <name>.yaml, fused as the predictor fuses it."""
+    """An untrained model from a YAML path, cfg/<name>.yaml or Ultralytics' <name>.yaml."""
     torch.manual_seed(0)
-    cfg = ROOT / "cfg" / f"{name}.yaml"
+    cfg = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "cfg" / f"{name}.yaml"
     if cfg.exists():
         shutil.copy(cfg, workdir / cfg.name)  # exports are written beside the YAML
         cfg = workdir / cfg.name
@@ -178,6 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-openvino", action="store_true", help="skip OpenVINO even when installed")
     p.add_argument("--ov-precision", default="f32", choices=("f32", "bf16", "f16"),
                    help="OpenVINO CPU inference precision (its default is bf16 on CPUs that have it)")
+    p.add_argument("--cfg", nargs="+", default=[], metavar="YAML[:TWIN]",
+                   help="also time these model YAMLs, each beside its twin (default yolo11n), at --sizes (or 640)")
     p.add_argument("--out", type=Path, help="also write the Markdown to this file")
     args = p.parse_args(argv)
     if args.quick:
@@ -185,7 +188,8 @@ def main(argv=None) -> None:
     args.threads = args.threads or os.cpu_count()
     torch.set_num_threads(args.threads)
 
-    plan = [("tood-n", "yolov8n", (320,))] if args.quick else [r for r in PLAN if r[0] in (args.models or [r[0]])]
+    names = args.models or ([] if args.cfg else [m for m, _, _ in PLAN])  # --cfg alone: only those YAMLs
+    plan = [("tood-n", "yolov8n", (320,))] if args.quick else [r for r in PLAN if r[0] in names]
     if args.sizes:
         plan = [(m, b, tuple(s for s in sizes if s in args.sizes)) for m, b, sizes in plan]
         plan = [r for r in plan if r[2]]
@@ -193,6 +197,11 @@ def main(argv=None) -> None:
         if not (ROOT / "cfg" / f"{name}.yaml").exists():
             print(f"note: cfg/{name}.yaml is absent: {name} is skipped")
     plan = [row for row in plan if (ROOT / "cfg" / f"{row[0]}.yaml").exists()]
+    for spec in args.cfg:
+        path, _, base = spec.partition(":")
+        if not Path(path).is_file():
+            raise SystemExit(f"--cfg {path}: no such file")
+        plan.append((str(Path(path).resolve()), base or "yolo11n", tuple(args.sizes or (640,))))
     baselines: dict[str, set[int]] = {}
     for _, base, sizes in plan:
         baselines.setdefault(base, set()).update(sizes)
@@ -259,7 +268,8 @@ def main(argv=None) -> None:
     twin = {n: b for n, b, _ in plan}
     for name in [*baselines, *(n for n, _, _ in plan)]:
         for s, r in results[name].items():
-            cells = [name, str(s), fmt(r.get("pt")), fmt(r.get("ort"))] + ([fmt(r.get("ov"))] if have_ov else [])
+            label = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+            cells = [label, str(s), fmt(r.get("pt")), fmt(r.get("ort"))] + ([fmt(r.get("ov"))] if have_ov else [])
             cells += [fmt(r.get("cuda32")), fmt(r.get("cuda16"))] if have_cuda else []
             cells.append(f"{100 * r['head'] / r['pt']:.0f}")
             base = twin.get(name)
