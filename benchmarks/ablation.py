@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/ablation.py [preset=cpu|quick|gpu] [epochs=] [imgsz=] [batch=] [seeds=0,1,2]
-                                  [datasets=bccd,synthetic,coco128] [models=detect-v8,...] [split=] [device=]
+                                  [datasets=bccd,synthetic,coco128] [models=detect-v8,...] [split=] [device=] [report]
 
 Every model shares tood-n's backbone (C2f, width 0.25, depth 0.33) and FPN (P3-P7, 64 channels); only the head and the
 loss change. All cells train under the `ultralytics` recipe (Ultralytics' defaults: optimizer=auto, lr0, nbs=64
@@ -29,7 +29,9 @@ pre-NMS predictions, mean IoU of the top-10, and correct / redundant / error det
 
 `split=val` evaluates on the validation split instead (for choices such as the warm-up, written to runs/ablation-val).
 Each run's result is saved as it finishes (runs/ablation/runs/<dataset>-<model>-s<seed>.json) and reused by a rerun with
-the same settings, so an interrupted benchmark resumes. Runs go seed by seed, so partial results stay balanced.
+the same settings, so an interrupted benchmark resumes; `report` writes the table of the runs already saved and trains
+nothing (runs in several processes side by side, then one table). Runs go seed by seed, so partial results stay
+balanced.
 Outputs: runs/ablation/ablation.md (mean +- std per model) and ablation.json (every run).
 """
 
@@ -123,13 +125,16 @@ def parse_args(argv: list[str]) -> dict:
         k, sep, v = a.removeprefix("--").partition("=")
         if not sep and k in PRESETS:
             k, v = "preset", k
-        if k not in {"preset", "models", "split", *PRESETS["cpu"]}:
+        if not sep and k == "report":
+            k, v = "report", True
+        if k not in {"preset", "models", "split", "report", *PRESETS["cpu"]}:
             raise SystemExit(f"unknown argument {a!r}; usage: {USAGE}")
         given[k] = v
     preset = given.pop("preset", "cpu")
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    args = {"preset": preset, "models": ",".join(TWO_BY_TWO), "split": None, **PRESETS[preset], **given}
+    args = {"preset": preset, "models": ",".join(TWO_BY_TWO), "split": None, "report": False, **PRESETS[preset],
+            **given}
     for k in ("epochs", "imgsz", "batch"):
         if not str(args[k]).isdigit():
             raise SystemExit(f"{k} needs a positive integer, e.g. {k}={PRESETS['cpu'][k]}; usage: {USAGE}")
@@ -294,6 +299,9 @@ def main(argv: list[str]) -> list[dict]:
                 old = json.loads(file.read_text()) if file.exists() else None
                 if old and old["settings"] == settings:
                     rows.append(old["row"])  # the same run, finished before
+                    continue
+                if args["report"]:
+                    print(f"report: {file.name} has not run with these settings; left out")
                     continue
                 rows.append(run_one(dataset, data, name, seed, args, project))
                 file.write_text(json.dumps({"settings": settings, "row": rows[-1]}, indent=2))
