@@ -64,7 +64,8 @@ from tood_yolo.data.synthetic import make_synthetic_dataset  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 DATA_DIR = ROOT / "datasets" / "ablation"
 ULTRALYTICS_CFG = Path(ultralytics.__file__).parent / "cfg" / "models"
-# name: (model YAML, YAML lines appended to it or an (old, new) edit of it, head + loss, the trainer it must get)
+# name: (model YAML, YAML lines appended to it or an (old, new) edit of it, head + loss, the trainer it must get[,
+# training arguments of this row])
 MODELS = {
     "detect-v8": (ROOT / "cfg/ablation-detect-n.yaml", "", "Detect + v8 loss", "TOODTrainer"),
     "detect-tood": (ROOT / "cfg/ablation-detect-n.yaml", "loss: tood", "Detect + TOOD loss", "TOODTrainer"),
@@ -102,6 +103,10 @@ for _key, _norm, _trunk in (("", "gn", "shared"), ("-sepbn", "bn", "shared"), ("
             MODELS.setdefault(_name, (ROOT / "cfg/yolo11n-tood.yaml", (TWIN_ROW, _row),
                                       f"YOLO11n neck + T-head ({_norm}, {_trunk} trunk, {_convs} inter convs, {_reg}) "
                                       "+ TOOD loss", "TOODTrainer"))
+# Training choices for the per-level BatchNorm head, made on val: no ATSS warm-up, or twice the box loss gain
+_BN = MODELS["yolo11n-tood-bn-c2"]
+MODELS["yolo11n-tood-bn-c2-w0"] = (_BN[0], _BN[1], _BN[2] + ", no ATSS warm-up", _BN[3], {"initial_epoch": 0})
+MODELS["yolo11n-tood-bn-c2-box2"] = (_BN[0], _BN[1], _BN[2] + ", box=15 (2x)", _BN[3], {"box": 15.0})
 TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
 DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "coco128": ("train2017", "val2017")}
 PRESETS = {
@@ -198,7 +203,7 @@ def run_one(dataset: str, data: Path, name: str, seed: int, args: dict, project:
     t0 = time.perf_counter()
     model.train(data=str(data), epochs=args["epochs"], imgsz=args["imgsz"], batch=args["batch"], seed=seed,
                 device=args["device"], workers=0 if args["device"] == "cpu" else 8, project=str(project), name=run,
-                **FIXED)
+                **FIXED, **(MODELS[name][4] if len(MODELS[name]) > 4 else {}))
     train_s = time.perf_counter() - t0
     tr = model.trainer
     if type(tr).__name__ != trainer:
