@@ -107,6 +107,8 @@ for _key, _norm, _trunk in (("", "gn", "shared"), ("-sepbn", "bn", "shared"), ("
 _BN = MODELS["yolo11n-tood-bn-c2"]
 MODELS["yolo11n-tood-bn-c2-w0"] = (_BN[0], _BN[1], _BN[2] + ", no ATSS warm-up", _BN[3], {"initial_epoch": 0})
 MODELS["yolo11n-tood-bn-c2-box2"] = (_BN[0], _BN[1], _BN[2] + ", box=15 (2x)", _BN[3], {"box": 15.0})
+MODELS["yolo11n-tood-bn-c2-dfl1"] = (*MODELS["yolo11n-tood-bn-c2-dfl"][:2],
+                                    MODELS["yolo11n-tood-bn-c2-dfl"][2] + ", 1x1 DFL predictor", "TOODTrainer")
 TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
 DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "coco128": ("train2017", "val2017")}
 PRESETS = {

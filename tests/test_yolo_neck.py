@@ -153,6 +153,7 @@ def test_a_level_of_one_pixel_trains_and_aligns_exactly():
 # --------------------------------------------------------------------------------------------------------------------
 TWINS = {"yolov8n-tood": ("v8/yolov8.yaml", "n"), "yolov8s-tood": ("v8/yolov8.yaml", "s"),
          "yolo11n-tood": ("11/yolo11.yaml", "n"), "yolo11s-tood": ("11/yolo11.yaml", "s")}
+TWINS.update({f"{name}-bn": src for name, src in TWINS.items()})  # the YOLO-regime head (per-level BatchNorm trunks)
 
 
 @pytest.mark.parametrize("name", TWINS)
@@ -179,7 +180,12 @@ def test_twin_config_is_ultralytics_model_with_only_the_head_swapped(name):
         assert (type(a), a.f) == (type(b), b.f)
         assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
     head = model.model[-1]
-    assert [p.conv.in_channels for p in head.proj] == [m[0].conv.in_channels for m in twin[-1].cv2]
+    widths = [m[0].conv.in_channels for m in twin[-1].cv2]
+    if name.endswith("-bn"):  # a trunk per level reads the level at its own width, as Detect's branches do
+        assert (head.norm, head.trunk, head.reg, head.stacked_convs) == ("bn", "level", "dfl", 2) and not head.proj
+        assert [convs[0].conv.in_channels for convs in head.inter_convs] == widths
+        return
+    assert [p.conv.in_channels for p in head.proj] == widths
     assert head.proj[0].gn.num_groups == 32  # the paper's group count (measured better than its group size: README)
 
 
