@@ -107,8 +107,13 @@ for _key, _norm, _trunk in (("", "gn", "shared"), ("-sepbn", "bn", "shared"), ("
 _BN = MODELS["yolo11n-tood-bn-c2"]
 MODELS["yolo11n-tood-bn-c2-w0"] = (_BN[0], _BN[1], _BN[2] + ", no ATSS warm-up", _BN[3], {"initial_epoch": 0})
 MODELS["yolo11n-tood-bn-c2-box2"] = (_BN[0], _BN[1], _BN[2] + ", box=15 (2x)", _BN[3], {"box": 15.0})
+# The DFL predictor's forms (TOODHead): a full 3x3 conv up to commit bd2e0ab (-dfl runs), then a 1x1 conv (c2bef45,
+# -dfl1 runs), now a depthwise 3x3 + 1x1 (-dfldw runs); one YAML, the code decides
 MODELS["yolo11n-tood-bn-c2-dfl1"] = (*MODELS["yolo11n-tood-bn-c2-dfl"][:2],
                                     MODELS["yolo11n-tood-bn-c2-dfl"][2] + ", 1x1 DFL predictor", "TOODTrainer")
+MODELS["yolo11n-tood-bn-c2-dfldw"] = (*MODELS["yolo11n-tood-bn-c2-dfl"][:2],
+                                     MODELS["yolo11n-tood-bn-c2-dfl"][2] + ", depthwise 3x3 + 1x1 DFL predictor",
+                                     "TOODTrainer")
 TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
 DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "coco128": ("train2017", "val2017")}
 PRESETS = {
