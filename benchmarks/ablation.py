@@ -299,6 +299,8 @@ def main(argv: list[str]) -> list[dict]:
     project = ROOT / "runs" / ("ablation-quick" if args["preset"] == "quick" else "ablation")
     if args["split"]:  # choices made on another split (e.g. the warm-up on val) never overwrite the test runs
         project = project.with_name(f"{project.name}-{args['split']}")
+    if args["epochs"] != PRESETS[args["preset"]]["epochs"]:  # a longer budget keeps its own runs
+        project = project.with_name(f"{project.name}-e{args['epochs']}")
     saved = project / "runs"
     saved.mkdir(parents=True, exist_ok=True)
     settings = {k: args[k] for k in ("epochs", "imgsz", "batch", "split", "device")}
