@@ -175,7 +175,7 @@ def _dfl_level(head: TOODHead, level: int, x: torch.Tensor) -> tuple[dict, torch
 def test_dfl_decode_equals_ultralytics_dfl_and_zero_offsets_leave_boxes_unaligned():
     head = _head("gn", "shared", "dfl")
     with torch.no_grad():
-        head.tood_reg[-1].weight.normal_(0, 0.3)  # non-uniform distributions
+        head.tood_reg.weight.normal_(0, 0.3)  # non-uniform distributions
         nn.init.zeros_(head.reg_offset_module[-1].weight)
         nn.init.zeros_(head.reg_offset_module[-1].bias)
         out, logits, points = _dfl_level(head, 0, torch.randn(2, WIDTHS[0], 6, 7))
@@ -196,7 +196,7 @@ def test_dfl_offsets_sample_each_sides_distribution_one_cell_away():
     left neighbour's point (x1 = p_x - 1 - d_l(left)), y1 from above, x2 from the right, y2 from below."""
     head = _head("gn", "shared", "dfl")
     with torch.no_grad():
-        head.tood_reg[-1].weight.normal_(0, 0.3)
+        head.tood_reg.weight.normal_(0, 0.3)
         nn.init.zeros_(head.reg_offset_module[-1].weight)
         # O's channels: [dy_x1, dx_x1, dy_y1, dx_y1, dy_x2, dx_x2, dy_y2, dx_y2]
         head.reg_offset_module[-1].bias.copy_(torch.tensor([0.0, -1.0, -1.0, 0.0, 0.0, 1.0, 1.0, 0.0]))

@@ -134,8 +134,8 @@ class TOODHead(Detect):
     - `trunk`: "shared", one set of layers for all levels (the paper's); or "level", a trunk per level, like `Detect`'s
       branches, whose first conv reads the level at its own width (no projection).
     - `reg`: "ltrb", exp distances times a learnt per-level scale (the paper's); or "dfl", a distribution of 16 bins per
-      side (GFL, Ultralytics' `DFL`) predicted by a depthwise 3x3 + 1x1 conv: O samples each side's distribution at
-      that side's offset, and TOOD's loss adds Ultralytics' DFL term.
+      side (GFL, Ultralytics' `DFL`) from the paper's 3x3 predictor: O samples each side's distribution at that
+      side's offset, and TOOD's loss adds Ultralytics' DFL term.
 
     With a shared trunk all levels must reach it with one width. An FPN's levels already have it and feed the first
     inter conv directly, as the reference. Levels of unequal widths (a YOLO neck's P3-P5) are each projected to
@@ -218,12 +218,9 @@ class TOODHead(Detect):
             "cls_decomp": TaskDecomposition(c, s, s * 8, g, norm, levels),
             "reg_decomp": TaskDecomposition(c, s, s * 8, g, norm, levels),
             "tood_cls": nn.Conv2d(c, nc, 3, padding=1),
-            # DFL's 64 logits from a depthwise 3x3 then a 1x1 conv: a full 3x3 conv to 64 outputs cost 1.17x yolo11n's
-            # ORT time at 640 (1.07x with the 4 ltrb outputs), and a 1x1 alone, without spatial context, lost 6-8
-            # points of mAP50-95 on bccd val (README, "Results")
-            "tood_reg": nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Conv2d(c, 4 * DFL_BINS, 1))
-            if self.reg == "dfl"
-            else nn.Conv2d(c, 4, 3, padding=1),
+            # 3x3, as the paper's: cheaper DFL predictors (a 1x1 conv, or a depthwise 3x3 + 1x1) lost 6-15 points of
+            # mAP50-95 on bccd val (README, "Results")
+            "tood_reg": nn.Conv2d(c, 4 * DFL_BINS if self.reg == "dfl" else 4, 3, padding=1),
             # mmdet's names for M's and O's branches, kept for its checkpoints
             "cls_prob_module": nn.Sequential(
                 nn.Conv2d(c * s, c // 4, 1), nn.ReLU(inplace=True), nn.Conv2d(c // 4, 1, 3, padding=1)
@@ -275,7 +272,7 @@ class TOODHead(Detect):
         for m in every(self.tood_cls):
             normal(m, 0.01, bias_cls)
         for m in every(self.tood_reg):
-            normal(m[-1] if isinstance(m, nn.Sequential) else m, 0.01)  # DFL's depthwise conv keeps torch's init
+            normal(m, 0.01)
 
     def bias_init(self) -> None:
         """Ultralytics calls this after computing strides; the reference's init already set every bias."""
