@@ -144,10 +144,10 @@ class ATSSWarmup:
     """The ATSS warm-up before task alignment learning: the one place that decides how long it runs and when.
 
     Its length is the `initial_epoch=` argument, else the model YAML's `initial_epoch:`, else the recipe's default
-    (`INITIAL_EPOCH`), never more than epochs - 1, so that every run ends in TAL. Under `time=`, Ultralytics re-estimates
-    the run's epochs after each one, and `TOODTrainer` re-plans the warm-up with that estimate (`replanned`). `TOODLoss`
-    asks `active(epoch)` for its targets and losses (ATSS + focal loss, or TAL + quality focal loss); `TOODTrainer` logs
-    `describe`.
+    (`INITIAL_EPOCH`), never more than epochs - 1, so that every run ends in TAL. Under `time=`, Ultralytics
+    re-estimates the run's epochs after each one, and `TOODTrainer` re-plans the warm-up with that estimate
+    (`replanned`). `TOODLoss` asks `active(epoch)` for its targets and losses (ATSS + focal loss, or TAL + quality focal
+    loss); `TOODTrainer` logs `describe`.
 
     Attributes:
         epochs (int): Epochs of warm-up this run trains.
