@@ -85,6 +85,8 @@ class TOODHead(Detect):
 
     # Ultralytics' `BaseModel.load`/`is_fused` read Detect's box/cls branch lists; the T-head has none
     cv2, cv3 = (), None
+    # `anchor_grid`'s cache: the (level sizes, device, dtype) its anchor points were computed for
+    _anchor_key, _anchor_points = None, None
 
     def __init__(
         self,
@@ -250,9 +252,24 @@ class TOODHead(Detect):
         m_hidden, offset_hidden = hidden.split(m.out_channels, 1)
         return cls_feat, reg_feat, m_hidden, offset_hidden
 
+    def anchor_grid(self, x: list[torch.Tensor]) -> torch.Tensor:
+        """(A, 2) anchor centres (x, y) in stride units of the levels `x`, level by level (`make_anchors`).
+
+        In training and for dynamic exports they are computed in the graph. Otherwise they are kept per input size,
+        device and dtype and reused, as `Detect` keeps its anchors: a static export (the exporter's dry run fills
+        the cache) then traces them as a constant, since pnnx (NCNN) cannot convert `make_anchors`' meshgrid.
+        """
+        if self.training or self.dynamic:
+            return make_anchors(x, torch.ones(self.nl), self.anchor_offset)[0]
+        key = (tuple(xi.shape[2:] for xi in x), x[0].device, x[0].dtype)
+        if key != self._anchor_key:
+            self._anchor_points = make_anchors(x, torch.ones(self.nl), self.anchor_offset)[0]
+            self._anchor_key = key
+        return self._anchor_points
+
     def forward_levels(self, x: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """`forward_level` on every level: the per-level maps (`tood_yolo.tools.maps` draws them)."""
-        anchor_points, _ = make_anchors(x, torch.ones(self.nl), self.anchor_offset)
+        anchor_points = self.anchor_grid(x)
         out, start = [], 0
         for i, xi in enumerate(x):
             n = xi.shape[2] * xi.shape[3]
