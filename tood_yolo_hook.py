@@ -1,22 +1,42 @@
 """Start-up hook that registers TOOD with Ultralytics without importing torch at interpreter start.
 
 `tood_yolo_hook.pth` (installed into site-packages with the package) imports this module when Python starts. It
-only adds a `sys.meta_path` finder, standard library alone (well under a millisecond). When anything later imports
-`ultralytics.models` (the `yolo` command, `ultralytics.YOLO`), the finder lets that module load as usual and then calls
-`tood_yolo.register.register()`, which makes `YOLO` turn into TOOD's model class for TOOD's YAMLs and checkpoints.
-`import tood_yolo` registers too, and a checkpoint load imports it (its pickle names TOOD's modules).
-
-It also wraps the `yolo` command's entry point (`ultralytics.cfg.entrypoint`): TOOD is registered before the command
-checks its arguments (TOOD's own, such as `recipe=`, are then known), and `yolo train resume=path/last.pt` resumes
-that checkpoint (Ultralytics would build its default model, yolo26n.pt, a download, before it reads `resume`).
+only adds a `sys.meta_path` finder, standard library alone (well under a millisecond). The finder lets three
+Ultralytics modules load as usual and then:
+- `ultralytics.utils`: adds TOOD's arguments (`TOOD_ARGS`) to Ultralytics' default configuration, before any code can
+  check arguments against it. Every entry point then accepts them, for every model: the `yolo` command, `python -m
+  ultralytics.cfg.__init__` (the child processes of the tuner and of MultiTrainer, which pass every argument on, TOOD's
+  `recipe=None initial_epoch=None` included, to TOOD and Ultralytics models alike), the DDP launcher's script and
+  `get_cfg`.
+- `ultralytics.models` (the `yolo` command, `ultralytics.YOLO`): calls `tood_yolo.register.register()`, which makes
+  `YOLO` turn into TOOD's model class for TOOD's YAMLs and checkpoints. `import tood_yolo` registers too, and a
+  checkpoint load imports it (its pickle names TOOD's modules).
+- `ultralytics.cfg`: wraps the `yolo` command's entry point (`ultralytics.cfg.entrypoint`) so that `yolo train
+  resume=path/last.pt` resumes that checkpoint (Ultralytics would build its default model, yolo26n.pt, a download,
+  before it reads `resume`).
 """
 
 from __future__ import annotations
 
 import sys
 
-# The YOLO class is in the first (which finishes loading after its submodules), the `yolo` entry point in the second
-TARGETS = {"ultralytics.models", "ultralytics.cfg"}
+# The default configuration is in the first, the YOLO class in the second (which finishes loading after its
+# submodules), the `yolo` entry point in the third
+TARGETS = {"ultralytics.utils", "ultralytics.models", "ultralytics.cfg"}
+# TOOD's training arguments and their defaults (None: the model YAML and the recipe decide), e.g. `yolo train
+# recipe=mmdet`. Defined here, not in the package, because they must be known while Ultralytics is still loading,
+# when the package (which imports Ultralytics) cannot be imported yet.
+TOOD_ARGS = {"recipe": None, "initial_epoch": None}
+
+
+def add_tood_args(utils) -> None:
+    """Add `TOOD_ARGS` to the default configuration of `utils` (the module `ultralytics.utils`): `DEFAULT_CFG_DICT`,
+    which `check_dict_alignment` checks arguments against (its `DEFAULT_CFG_KEYS` is a view of it), and
+    `DEFAULT_CFG`. Values already there are kept (idempotent). Other models never read these keys."""
+    for k, v in TOOD_ARGS.items():
+        utils.DEFAULT_CFG_DICT.setdefault(k, v)
+        if not hasattr(utils.DEFAULT_CFG, k):
+            setattr(utils.DEFAULT_CFG, k, v)
 
 
 def resume_as_model(argv: list[str]) -> None:
@@ -29,8 +49,6 @@ def resume_as_model(argv: list[str]) -> None:
 
 def _wrap_entrypoint(entrypoint):
     def tood_entrypoint(debug: str = ""):
-        import tood_yolo  # noqa: F401  (registers TOOD before the command's arguments, e.g. recipe=, are checked)
-
         if not debug:
             resume_as_model(sys.argv)
         return entrypoint(debug)
@@ -40,7 +58,8 @@ def _wrap_entrypoint(entrypoint):
 
 
 class _RegisterAfterLoad:
-    """Run the real loader of a target module, then register TOOD with it (or wrap the `yolo` entry point).
+    """Run the real loader of a target module, then add TOOD's arguments, register TOOD or wrap the `yolo` entry
+    point (see the module docstring).
 
     Duck-typed rather than an `importlib.abc.Loader`: importing importlib.abc alone costs ~15 ms at every start-up.
     """
@@ -53,6 +72,9 @@ class _RegisterAfterLoad:
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
+        if module.__name__ == "ultralytics.utils":
+            add_tood_args(module)
+            return
         if module.__name__ == "ultralytics.cfg":
             module.entrypoint = _wrap_entrypoint(module.entrypoint)
             return

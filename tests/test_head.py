@@ -97,6 +97,27 @@ def test_align_boxes_falls_back_to_unsampled_box_where_corners_swap():
     torch.testing.assert_close(out, expected)
 
 
+def test_align_boxes_selects_exactly_as_torch_where_with_its_gradients():
+    """The arithmetic select (NCNN has no comparison or select layer) gives torch.where's values and gradients bit
+    for bit, ties (x1 == x2 after sampling: valid) included."""
+    box = (torch.randn(2, 4, 9, 11, dtype=torch.float64) * 8).requires_grad_()
+    offset = (torch.randn(2, 8, 9, 11, dtype=torch.float64) * 2).requires_grad_()
+    with torch.no_grad():
+        box[:, 2, :3] = box[:, 0, :3]  # offset 0 there: sampled x1 == x2 exactly
+        offset[:, 0:2, :3] = 0
+        offset[:, 4:6, :3] = 0
+    sampled = deform_sampling(box, offset)
+    invalid = (sampled[:, 0:1] > sampled[:, 2:3]) | (sampled[:, 1:2] > sampled[:, 3:4])
+    assert 0 < invalid.float().mean() < 1 and (sampled[:, 0] == sampled[:, 2]).any()
+    expected = torch.where(invalid, box, sampled)
+    got = align_boxes(box, offset)
+    assert torch.equal(got, expected)
+    weights = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad((got * weights).sum(), (box, offset)),
+                    torch.autograd.grad((expected * weights).sum(), (box, offset))):
+        assert torch.equal(g, e)
+
+
 def test_delta_decoder_matches_torchvision_box_coder():
     anchors = torch.rand(50, 4) * 100
     anchors[:, 2:] += anchors[:, :2] + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,6 +133,46 @@ def test_warmup_longer_than_the_run_is_cut_so_that_it_ends_in_tal(tiny_data, tmp
     assert any("initial_epoch=5" in w and "cut to 1" in w for w in warnings), warnings
     with pytest.raises(ValueError, match="initial_epoch=-1"):
         recipes.ATSSWarmup.of({"initial_epoch": -1, "epochs": 3}, {}, "ultralytics")
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "phases", "message"),
+    [
+        # 35 s at 10 s an epoch: Ultralytics estimates 4 epochs after the first and stops after the 4th
+        (35, [True, True, True, False], "time=0.00972 h is now estimated at 4 epochs: ATSS warm-up for 3 epoch(s)"),
+        # 5 s: Ultralytics stops after the first epoch, before it could be planned; the run says so
+        (5, [True], "the run stopped in epoch 1, inside the ATSS warm-up"),
+    ],
+)
+def test_time_budget_replans_the_warmup_so_that_the_run_ends_in_tal(budget_s, phases, message, tiny_data, tmp_path,
+                                                                   monkeypatch):
+    """Under time=, Ultralytics' trainer re-estimates the run's epochs from its clock after each epoch; here that clock
+    advances 10 s per epoch, so the run's length does not depend on the machine."""
+    epochs_done, seen, logs = [0], [], []
+    monkeypatch.setattr("ultralytics.engine.trainer.time", SimpleNamespace(time=lambda: 10.0 * epochs_done[0]))
+    monkeypatch.setattr("tood_yolo.engine.trainer.LOGGER.info", lambda msg, *a, **k: logs.append(msg))
+    monkeypatch.setattr("tood_yolo.engine.trainer.LOGGER.warning", lambda msg, *a, **k: logs.append(msg))
+
+    def end_epoch(trainer):
+        seen.append(trainer.model.criterion.warmup)
+        epochs_done[0] += 1
+
+    model = YOLO(str(ROOT / "cfg/tood-n.yaml"))
+    model.add_callback("on_train_epoch_end", end_epoch)
+    model.train(data=str(tiny_data), project=str(tmp_path), name="run", batch=8, initial_epoch=4,
+                **{**TINY, "epochs": 100, "time": round(budget_s / 3600, 5)})
+    assert seen == phases
+    assert any(message in m for m in logs), logs
+
+
+def test_replanned_warmup_only_moves_while_no_tal_epoch_has_trained():
+    warmup = recipes.ATSSWarmup.of({"epochs": 3}, {}, "ultralytics")  # 4 asked, cut to 2 in a 3-epoch plan
+    assert (warmup.epochs, warmup.asked) == (2, 4)
+    assert warmup.replanned(epochs=50, epoch=2).epochs == 4  # epochs 0-1 trained ATSS, none TAL yet: lengthened
+    assert warmup.replanned(epochs=2, epoch=0).epochs == 1
+    assert warmup.replanned(epochs=1, epoch=1).epochs == 1  # never shorter than what has already trained
+    tal_trained = recipes.ATSSWarmup(1, 4)
+    assert tal_trained.replanned(epochs=50, epoch=3) == tal_trained  # epochs 1-2 trained TAL: no way back to ATSS
 
 
 def test_detect_head_outputs_decode_as_ultralytics_does_at_inference():

@@ -168,7 +168,7 @@ def test_twin_config_is_ultralytics_model_with_only_the_head_swapped(name):
     ours = yaml_model_load(ROOT / "cfg" / f"{name}.yaml")
     assert ours["backbone"] == theirs["backbone"] and ours["head"][:-1] == theirs["head"][:-1]
     assert ours["scales"] == {scale: theirs["scales"][scale]} and ours["nc"] == theirs["nc"]
-    (f, n, module, args), detect = ours["head"][-1], theirs["head"][-1]
+    (f, n, module, _), detect = ours["head"][-1], theirs["head"][-1]
     assert (f, n, module, detect[2]) == (detect[0], 1, "TOODHead", "Detect")
     assert ours["recipe"] == "ultralytics"
 

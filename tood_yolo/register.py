@@ -7,9 +7,10 @@ supported extension point can do its job.
 1. `YOLO.__init__`: a TOOD YAML or checkpoint becomes a `TOOD` model, whose own task map holds TOOD's model, trainer
    and validator. Ultralytics' `YOLO` does the same to become a `YOLOWorld`, `YOLOE` or `RTDETR`. Any other model is
    Ultralytics' own, untouched: its class, parser, loss, trainer, validator and NMS.
-2. Ultralytics' default configuration gains TOOD's training arguments (`TOOD_ARGS`), so that `yolo train recipe=...`
-   passes Ultralytics' argument check. The values then travel with the run's arguments: args.yaml, checkpoints,
-   resume and DDP workers.
+2. Ultralytics' default configuration gains TOOD's training arguments (`tood_yolo_hook.TOOD_ARGS`), so that `yolo
+   train recipe=...` passes Ultralytics' argument check. The values then travel with the run's arguments: args.yaml,
+   checkpoints, resume, DDP workers and the tuner's child processes. The start-up hook adds them as soon as
+   `ultralytics.utils` loads, in every process; this call covers a package imported without the hook installed.
 3. With YOLO_OFFLINE=1, no weights, datasets, fonts or HEIF plug-ins are fetched (`tood_yolo.data.offline`).
 4. Bad label rows, a missing labels folder and damaged video frames are handled clearly (`tood_yolo.data.inputs`).
 
@@ -23,8 +24,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import tood_yolo_hook
+
 from .data import offline
-from .engine.recipe import TOOD_ARGS
 from .nn.model import is_tood
 
 _done: set[str] = set()  # the parts of the registration already applied
@@ -57,15 +59,6 @@ def _route_tood_models(init):
         self.__class__, self.__dict__ = type(tood), tood.__dict__
 
     return __init__
-
-
-def _add_tood_args() -> None:
-    """TOOD's arguments as defaults of Ultralytics' configuration (None: the model YAML and the recipe decide)."""
-    from ultralytics.utils import DEFAULT_CFG, DEFAULT_CFG_DICT
-
-    for k, v in TOOD_ARGS.items():
-        DEFAULT_CFG_DICT.setdefault(k, v)
-        setattr(DEFAULT_CFG, k, getattr(DEFAULT_CFG, k, v))
 
 
 def _guard_offline() -> None:
@@ -130,8 +123,10 @@ def register() -> None:
     Ultralytics is still importing itself would be circular. The start-up hook calls this again when it has.
     """
     if "config" not in _done:
+        from ultralytics import utils
+
         _done.add("config")
-        _add_tood_args()
+        tood_yolo_hook.add_tood_args(utils)
         if offline.is_offline():
             _guard_offline()
     yolo = getattr(sys.modules.get("ultralytics.models.yolo.model"), "YOLO", None)

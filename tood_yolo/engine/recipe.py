@@ -54,8 +54,6 @@ RECIPES: dict[str, dict] = {
     },
     "ultralytics": {},  # Ultralytics' defaults, untouched
 }
-# Arguments TOOD adds to Ultralytics' (None: decided by the model YAML and the recipe), e.g. `yolo train recipe=mmdet`
-TOOD_ARGS = {"recipe": None, "initial_epoch": None}
 # Epochs of ATSS warm-up before task alignment learning (`initial_epoch`, mmdet's name), per recipe. mmdet: the
 # reference's 4 of 12. ultralytics: kept at 4 after 0 / 4 / 8 were measured on bccd val (README, "Ablation"); for scale,
 # YOLOv6 v1/v2 use 4 of 300-400 epochs (0 in v3), PP-YOLOE 100 of 300 and PP-YOLOE+ 30 of 80 (static_assigner_epoch).
@@ -155,8 +153,10 @@ class ATSSWarmup:
     """The ATSS warm-up before task alignment learning: the one place that decides how long it runs and when.
 
     Its length is the `initial_epoch=` argument, else the model YAML's `initial_epoch:`, else the recipe's default
-    (`INITIAL_EPOCH`), never more than epochs - 1, so that every run ends in TAL. `TOODLoss` asks `active(epoch)` for
-    its targets and losses (ATSS + focal loss, or TAL + quality focal loss); `TOODTrainer` logs `describe`.
+    (`INITIAL_EPOCH`), never more than epochs - 1, so that every run ends in TAL. Under `time=`, Ultralytics
+    re-estimates the run's epochs after each one, and `TOODTrainer` re-plans the warm-up with that estimate
+    (`replanned`). `TOODLoss` asks `active(epoch)` for its targets and losses (ATSS + focal loss, or TAL + quality focal
+    loss); `TOODTrainer` logs `describe`.
 
     Attributes:
         epochs (int): Epochs of warm-up this run trains.
@@ -175,6 +175,17 @@ class ATSSWarmup:
             raise ValueError(f"initial_epoch={n} must be >= 0 (epochs of ATSS warm-up before task alignment learning)")
         epochs = arg(args, "epochs")
         return cls(min(n, epochs - 1) if epochs else n, n)
+
+    def replanned(self, epochs: int, epoch: int) -> ATSSWarmup:
+        """The warm-up at the start of 0-based `epoch` of a run now expected to train `epochs` epochs in all.
+
+        The asked length, cut to epochs - 1 as in `of`, and never shorter than the `epoch` epochs that have already
+        trained in the warm-up. Once an epoch has trained with TAL, the warm-up stays as it is: a run never goes back
+        from TAL to ATSS.
+        """
+        if epoch > self.epochs:
+            return self
+        return ATSSWarmup(max(min(self.asked, epochs - 1), epoch), self.asked)
 
     def active(self, epoch: int) -> bool:
         """Whether 0-based `epoch` trains with the warm-up's targets and losses."""

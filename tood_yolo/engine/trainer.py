@@ -30,21 +30,53 @@ def _criteria(trainer):
             yield model.criterion
 
 
+def _tood_criteria(trainer) -> list[TOODLoss]:
+    """The TOOD losses of the trained and the EMA model (none for the ablation's T-head + v8 loss: no warm-up)."""
+    return [c for c in _criteria(trainer) if isinstance(c, TOODLoss)]
+
+
 def set_loss_epoch(trainer) -> None:
-    """Tell the loss of the trained and the EMA model which epoch runs (warm-up or TAL); also right after a resume."""
+    """Tell the loss of the trained and the EMA model which epoch runs (warm-up or TAL); also right after a resume.
+
+    Under `time=`, Ultralytics re-estimates the run's epochs after each epoch (`BaseTrainer._do_train` sets
+    `trainer.epochs`); the warm-up is re-planned with that estimate first (`ATSSWarmup.replanned`), and each change is
+    logged, so that the last epoch the budget allows trains with TAL.
+    """
+    criteria = _tood_criteria(trainer)
+    if trainer.args.time and criteria:
+        warmup = criteria[0].atss_warmup.replanned(trainer.epochs, trainer.epoch)
+        if warmup != criteria[0].atss_warmup:
+            LOGGER.info(f"TOOD: time={trainer.args.time} h is now estimated at {trainer.epochs} epochs: ATSS warm-up "
+                        f"for {warmup.epochs} epoch(s), then task alignment learning")
+        for criterion in criteria:
+            criterion.atss_warmup = warmup
     for criterion in _criteria(trainer):
         criterion.epoch = trainer.epoch
 
 
 def log_warmup(trainer) -> None:
     """Say at the start how many epochs the ATSS warm-up takes, and when it was cut so that the run ends in TAL."""
-    criterion = next(_criteria(trainer))
-    if not isinstance(criterion, TOODLoss):
-        return  # the ablation's T-head + v8 loss: no warm-up
-    plan, cut = criterion.atss_warmup.describe(trainer.epochs)
+    criteria = _tood_criteria(trainer)
+    if not criteria:
+        return
+    if trainer.args.time:
+        LOGGER.info(f"TOOD: recipe '{trainer.recipe}', time={trainer.args.time} h: ATSS warm-up for "
+                    f"{criteria[0].atss_warmup.asked} epoch(s), cut to leave the last epoch of the run to task "
+                    "alignment learning once Ultralytics has estimated the run's epochs (after each epoch)")
+        return
+    plan, cut = criteria[0].atss_warmup.describe(trainer.epochs)
     if cut:
         LOGGER.warning(f"TOOD: {cut}")
     LOGGER.info(f"TOOD: recipe '{trainer.recipe}', {plan}")
+
+
+def warn_if_ended_in_warmup(trainer) -> None:
+    """Warn when the run stopped in the ATSS warm-up, before any epoch of TAL: a `time=` budget of about one epoch
+    (Ultralytics estimates the run's length only after its first epoch), or early stopping (`patience=`)."""
+    criteria = _tood_criteria(trainer)
+    if criteria and criteria[0].warmup:
+        LOGGER.warning(f"TOOD: the run stopped in epoch {trainer.epoch + 1}, inside the ATSS warm-up: no epoch trained "
+                       "with task alignment learning (lower initial_epoch= or give a longer time= / patience=)")
 
 
 class TOODTrainer(DetectionTrainer):
@@ -74,7 +106,8 @@ class TOODTrainer(DetectionTrainer):
                 if getattr(self.args, k) != DEFAULT_CFG_DICT[k]:
                     LOGGER.warning(f"'{k}={getattr(self.args, k)}' is a gain of YOLOv8's loss: the mmdet recipe keeps "
                                    "the reference's loss weights (recipe=ultralytics maps cls= and box= to TOOD's)")
-        for event, callback in (("on_train_epoch_start", set_loss_epoch), ("on_train_start", log_warmup)):
+        for event, callback in (("on_train_epoch_start", set_loss_epoch), ("on_train_start", log_warmup),
+                                ("on_train_end", warn_if_ended_in_warmup)):
             if callback not in self.callbacks[event]:  # DDP workers get the callbacks pickled
                 self.add_callback(event, callback)
 

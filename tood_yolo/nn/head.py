@@ -32,6 +32,8 @@ from .ops import (
     delta2bbox,
     every,
     fuse_conv_bn,
+    inverted,
+    select,
     sigmoid_geometric_mean,
 )
 
@@ -146,6 +148,8 @@ class TOODHead(Detect):
 
     # Ultralytics' `BaseModel.load`/`is_fused` read Detect's box/cls branch lists; the T-head has none
     cv2, cv3 = (), None
+    # `anchor_grid`'s cache: the (level sizes, device, dtype) its anchor points were computed for
+    _anchor_key, _anchor_points = None, None
 
     def __init__(
         self,
@@ -350,13 +354,13 @@ class TOODHead(Detect):
         box_raw = origin + sign * dist_raw
         # x1 and x2 move with their dx, y1 and y2 with their dy: channels dx_x1, dy_y1, dx_x2, dy_y2 of O
         box = origin + offset[:, [1, 2, 5, 6]] + sign * deform_sampling(dist_raw, offset, "border")
-        invalid = (box[:, [0]] > box[:, [2]]) | (box[:, [1]] > box[:, [3]])
-        out = {"box_raw": box_raw, "box": torch.where(invalid, box_raw, box)}
+        invalid = inverted(box)
+        out = {"box_raw": box_raw, "box": select(invalid, box_raw, box)}
         if not self.export:
             probs = logits.view(b, 4, r, h, w).softmax(2)
             side_offsets = offset.view(b, 4, 1, 2, h, w).expand(b, 4, r, 2, h, w).reshape(b, 8 * r, h, w)
             sampled = deform_sampling(probs.view(b, 4 * r, h, w), side_offsets, "border").view(b, 4, r, h, w)
-            dist = torch.where(invalid.unsqueeze(2), probs, sampled)
+            dist = select(invalid.unsqueeze(2), probs, sampled)
             out["dist"] = dist.clamp(min=torch.finfo(dist.dtype).tiny).log().view(b, 4 * r, h, w)
         return out
 
@@ -385,9 +389,24 @@ class TOODHead(Detect):
         m_hidden, offset_hidden = hidden.split(m.out_channels, 1)
         return cls_feat, reg_feat, m_hidden, offset_hidden
 
+    def anchor_grid(self, x: list[torch.Tensor]) -> torch.Tensor:
+        """(A, 2) anchor centres (x, y) in stride units of the levels `x`, level by level (`make_anchors`).
+
+        In training and for dynamic exports they are computed in the graph. Otherwise they are kept per input size,
+        device and dtype and reused, as `Detect` keeps its anchors: a static export (the exporter's dry run fills
+        the cache) then traces them as a constant, since pnnx (NCNN) cannot convert `make_anchors`' meshgrid.
+        """
+        if self.training or self.dynamic:
+            return make_anchors(x, torch.ones(self.nl), self.anchor_offset)[0]
+        key = (tuple(xi.shape[2:] for xi in x), x[0].device, x[0].dtype)
+        if key != self._anchor_key:
+            self._anchor_points = make_anchors(x, torch.ones(self.nl), self.anchor_offset)[0]
+            self._anchor_key = key
+        return self._anchor_points
+
     def forward_levels(self, x: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """`forward_level` on every level: the per-level maps (`tood_yolo.tools.maps` draws them)."""
-        anchor_points, _ = make_anchors(x, torch.ones(self.nl), self.anchor_offset)
+        anchor_points = self.anchor_grid(x)
         out, start = [], 0
         for i, xi in enumerate(x):
             n = xi.shape[2] * xi.shape[3]

@@ -5,7 +5,8 @@ as a module global, so no argument or subclass hook can hand it TOOD's modules. 
 itself, with Ultralytics' own, unmodified `parse_model` doing all the work it can: every TOOD row of the YAML is given
 to it as a stand-in (`nn.Identity`, or `Concat` for several inputs), and the stand-ins are then replaced by TOOD
 modules built with the input channels a dummy forward pass measures (`parse_tood_model`). The same pass gives the
-head's strides. Everything else is `DetectionModel`'s: forward, fuse, load, info, and its loss for an Ultralytics head.
+head's strides. Everything else is `DetectionModel`'s: forward, fuse, load, info, its loss for an Ultralytics head,
+and its test-time augmentation, which `_predict_augment` opens to the T-head.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from ultralytics.nn import tasks
 from ultralytics.nn.modules import Detect
 from ultralytics.utils import LOGGER
-from ultralytics.utils.torch_utils import initialize_weights
+from ultralytics.utils.torch_utils import initialize_weights, scale_img
 
 from .backbone import ResNet
 from .head import TOODHead
@@ -30,6 +31,8 @@ TOOD_MODULES: dict[str, type[nn.Module]] = {"ResNet": ResNet, "FPN": FPN, "TOODH
 # stride up to P7's 128 that leaves P7 a 2x2 map
 PROBE_SIZE = 256
 LOSSES = ("tood", "v8")
+# DetectionModel._predict_augment's passes: full size, 0.83 flipped left-right (dim 3), 0.67
+TTA_SCALES, TTA_FLIPS = (1, 0.83, 0.67), (None, 3, None)
 
 
 def is_tood(model) -> bool:
@@ -182,6 +185,30 @@ class TOODDetectionModel(tasks.DetectionModel):
         """Ultralytics' check, plus the BatchNorms of a T-head variant (`fuse()` folds them via `TOODHead.fuse`)."""
         head = self.model[-1]
         return super().is_fused() and not (isinstance(head, TOODHead) and not head.is_fused())
+
+    def _predict_augment(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Ultralytics' test-time augmentation (`augment=True`) for a T-head too: `DetectionModel._predict_augment`
+        runs it only for a head whose type is exactly `Detect`, and a single pass for any other.
+
+        The merge reads only what the T-head's inference output shares with Detect's: (B, 4 + nc, A) with xywh boxes
+        in input pixels (`_descale_pred` undoes the scale and the flip) and the anchors level by level from the finest,
+        each level a quarter of the one before (`_clip_augmented` drops the coarsest level of the full-size pass and
+        the finest of the smallest pass). Scales, flips and padding are DetectionModel's.
+
+        Args:
+            x (torch.Tensor): (B, C, H, W) images, H and W multiples of the largest stride.
+
+        Returns:
+            (tuple): (B, 4 + nc, A') predictions of the three passes, and None (no training output).
+        """
+        if not isinstance(self.model[-1], TOODHead):
+            return super()._predict_augment(x)
+        img_size = x.shape[-2:]
+        y = []
+        for scale, flip in zip(TTA_SCALES, TTA_FLIPS):
+            xi = scale_img(x.flip(flip) if flip else x, scale, gs=int(self.stride.max()))
+            y.append(self._descale_pred(self._predict_once(xi)[0], flip, scale, img_size))
+        return torch.cat(self._clip_augmented(y), -1), None
 
     def init_criterion(self):
         """The loss the YAML names (`loss: tood` / `loss: v8`), else TOOD's for a T-head and Ultralytics' otherwise."""

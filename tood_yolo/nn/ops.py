@@ -52,7 +52,9 @@ def sigmoid_geometric_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.float(), y.float()
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return SigmoidGeometricMean.apply(x, y)
-    return (x.sigmoid() * y.sigmoid()).sqrt()
+    # M expanded to the classes explicitly (same values as broadcasting): OpenCV 5's DNN engine fails on a (B, C, H, W)
+    # x (B, 1, H, W) Mul whose result is then reshaped ("C0 <= 1 in function 'toLayout'")
+    return (x.sigmoid() * y.sigmoid().expand_as(x)).sqrt()
 
 
 def deform_sampling(feat: torch.Tensor, offset: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
@@ -60,7 +62,9 @@ def deform_sampling(feat: torch.Tensor, offset: torch.Tensor, padding_mode: str 
 
     Equivalent to mmdet's 1x1 depthwise `deform_conv2d` with unit weight (channel k sampled at (i + dy_k, j + dx_k)),
     written with `grid_sample` so that it exports to ONNX (GridSample, opset >= 16). `align_corners=False` with the
-    matching pixel-centre normalisation also keeps the 1-pixel-wide maps of P7 exact.
+    matching pixel-centre normalisation also keeps the 1-pixel-wide maps of P7 exact. Traced for an export, it runs one
+    `grid_sample` per channel on the batch as it is (the values of one call on B*C single-channel maps, bit for bit):
+    NCNN has no batch axis, so it cannot run a sampler whose batch is B*C; eager code keeps the one call.
 
     Args:
         feat (torch.Tensor): (B, C, H, W) maps to sample.
@@ -77,9 +81,14 @@ def deform_sampling(feat: torch.Tensor, offset: torch.Tensor, padding_mode: str 
     xs = torch.arange(w, device=feat.device, dtype=offset.dtype).view(1, 1, 1, w)
     gx = (2 * (xs + dx) + 1) / w - 1  # pixel -> [-1, 1] with align_corners=False
     gy = (2 * (ys + dy) + 1) / h - 1
-    grid = torch.stack((gx, gy), -1).view(b * c, h, w, 2)
+    grid = torch.stack((gx, gy), -1).to(feat.dtype)  # (B, C, H, W, 2)
+    if torch.jit.is_tracing():  # an export: one sampler per channel on the batch as it is (NCNN has no batch axis)
+        return torch.cat(
+            [F.grid_sample(feat[:, k : k + 1], grid[:, k], align_corners=False, padding_mode=padding_mode) for k in
+             range(c)], 1
+        )
     out = F.grid_sample(
-        feat.reshape(b * c, 1, h, w), grid.to(feat.dtype), align_corners=False, padding_mode=padding_mode
+        feat.reshape(b * c, 1, h, w), grid.view(b * c, h, w, 2), align_corners=False, padding_mode=padding_mode
     )
     return out.view(b, c, h, w)
 
@@ -88,7 +97,9 @@ def align_boxes(box: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Box alignment with the offset map O: each coordinate map sampled at its own offset (`deform_sampling`).
 
     Where sampling leaves x1 > x2 or y1 > y2 the unsampled box is kept, as mmdet 3.x does (PR #7567): such boxes made
-    the GIoU loss negative.
+    the GIoU loss negative. The choice is written with arithmetic alone (the values and gradients of `torch.where` for
+    finite boxes) so that NCNN, which has no comparison or select layer, runs it: ceil(clamp(d, 0, 1)) is 1 exactly
+    where d > 0 and 0 elsewhere, and a * 1 + b * 0 is exactly a.
 
     Args:
         box (torch.Tensor): (B, 4, H, W) xyxy boxes before alignment.
@@ -98,8 +109,20 @@ def align_boxes(box: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         (torch.Tensor): (B, 4, H, W) aligned xyxy boxes.
     """
     sampled = deform_sampling(box.contiguous(), offset.contiguous())
-    invalid = (sampled[:, [0]] > sampled[:, [2]]) | (sampled[:, [1]] > sampled[:, [3]])
-    return torch.where(invalid.expand_as(sampled), box, sampled)
+    return select(inverted(sampled), box, sampled)
+
+
+def inverted(box: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) 1.0 where a (B, 4, H, W) xyxy box has x1 > x2 or y1 > y2, else 0.0, with arithmetic alone (for
+    NCNN): ceil(clamp(d, 0, 1)) is exactly 1 where d > 0 and 0 elsewhere."""
+    x1y1, x2y2 = box.split(2, 1)
+    return (x1y1 - x2y2).clamp(0, 1).ceil().amax(1, keepdim=True)
+
+
+def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.where(mask, a, b)` for a 0/1 float `mask` that broadcasts, with arithmetic alone (NCNN has no select
+    layer): a * 1 + b * 0 is exactly a, and the gradients are where's for finite values."""
+    return a * mask + b * (1 - mask)
 
 
 def delta2bbox(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:

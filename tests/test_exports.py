@@ -1,0 +1,90 @@
+"""Export formats beyond ONNX (tests/test_integration.py): NCNN, and ONNX files run by OpenCV DNN (`dnn=True`).
+
+Each runs Ultralytics' own exporter and its own backend for the format (`AutoBackend`, as `yolo predict/val` do).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ultralytics import YOLO
+from ultralytics.nn.autobackend import AutoBackend
+from ultralytics.utils import ASSETS
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Ultralytics exports a model built from a YAML into the current folder."""
+    monkeypatch.chdir(tmp_path)
+
+
+def spread_model(cfg: str, tmp_path: Path) -> YOLO:
+    """A TOOD model whose head outputs vary: at initialisation the scores are all ~0.01 and the offsets of O a
+    fraction of a pixel, so that comparing them would compare little. Weights scaled to their fan-in give class and M
+    logits of std ~1 around 0 (scores over (0, 1)), offsets of about a pixel, which move many boxes and leave some
+    reversed (x1 > x2, where the unsampled box is kept), and box distances of about exp(+-0.5) strides. Seeded: the
+    predictor's detections below depend on the weights."""
+    shutil.copy(ROOT / "cfg" / cfg, tmp_path / cfg)
+    torch.manual_seed(0)
+    model = YOLO(str(tmp_path / cfg))
+    head = model.model.model[-1]
+    for conv, gain in ((head.tood_cls, 2), (head.cls_prob_module[2], 2), (head.tood_reg, 1),
+                       (head.reg_offset_module[2], 2)):
+        torch.nn.init.normal_(conv.weight, 0, gain / conv.weight[0].numel() ** 0.5)
+        torch.nn.init.zeros_(conv.bias)
+    return model
+
+
+def assert_same_outputs(got: torch.Tensor, expected: torch.Tensor, box_atol: float, score_atol: float) -> None:
+    """(1, 4 + nc, A) outputs: boxes (pixels) and scores each within their absolute tolerance."""
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got[:, :4], expected[:, :4], atol=box_atol, rtol=0)
+    torch.testing.assert_close(got[:, 4:], expected[:, 4:], atol=score_atol, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", ["yolo11n-tood.yaml", "tood-n.yaml"])
+def test_ncnn_export_gives_pytorch_outputs(cfg, tmp_path):
+    """pnnx converts the traced model (the anchor grid a constant, box alignment without comparisons or a B*C batch)
+    and NCNN runs it: boxes within 5e-3 pixels and scores within 1e-5 of PyTorch at 128x128 (measured over 10 inputs
+    for yolo11n-tood: at most 1.7e-3 px, on boxes of up to ~370 px, and 2e-6)."""
+    pytest.importorskip("ncnn", reason="NCNN export and inference need the 'ncnn' package (pip install ncnn)")
+    pytest.importorskip("pnnx", reason="NCNN export needs the 'pnnx' package (pip install pnnx==20260526)")
+    model = spread_model(cfg, tmp_path)
+    f = model.export(format="ncnn", imgsz=128)
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        expected = model.model.eval()(x)[0]
+    assert_same_outputs(AutoBackend(f, device=CPU)(x), expected, box_atol=5e-3, score_atol=1e-5)
+
+
+@pytest.mark.slow
+# conf: >= 8e-4 from every score of these seeded models on bus.jpg (4 detections 0.7549-0.7404, next 0.7356; 3
+# detections 0.7640-0.7621, next 0.7602), and the kept anchors' two best classes differ by >= 1.4e-3: both 18x more
+# than the backends' scores ever differ, so that the same detections are a fair demand
+@pytest.mark.parametrize(("cfg", "conf", "n"), [("yolo11n-tood.yaml", 0.738, 4), ("tood-n.yaml", 0.761, 3)])
+def test_opencv_dnn_runs_tood_onnx_as_onnxruntime_does(cfg, conf, n, tmp_path):
+    """`dnn=True` reads the ONNX file with OpenCV's DNN module: the outputs of ONNX Runtime, boxes within 5e-3 pixels
+    and scores within 1e-4 at 256x256 (measured over 5 inputs: at most 2.6e-3 px and 4.4e-5; ONNX Runtime itself
+    differs from PyTorch by up to 2.6e-3 px), and the same detections through Ultralytics' predictor."""
+    pytest.importorskip("onnxruntime", reason="the reference backend needs 'onnxruntime' (the export extra)")
+    model = spread_model(cfg, tmp_path)
+    f = model.export(format="onnx", imgsz=256)
+    x = torch.rand(1, 3, 256, 256)
+    expected = AutoBackend(f, device=CPU)(x)
+    assert_same_outputs(AutoBackend(f, device=CPU, dnn=True)(x), expected, box_atol=5e-3, score_atol=1e-4)
+
+    kwargs = {"source": str(ASSETS / "bus.jpg"), "imgsz": 256, "conf": conf, "verbose": False}
+    ort = YOLO(f).predict(**kwargs)[0].boxes
+    dnn = YOLO(f).predict(dnn=True, **kwargs)[0].boxes
+    assert len(ort) == n
+    np.testing.assert_array_equal(dnn.cls.numpy(), ort.cls.numpy())
+    np.testing.assert_allclose(dnn.xyxy.numpy(), ort.xyxy.numpy(), atol=1e-2)
+    np.testing.assert_allclose(dnn.conf.numpy(), ort.conf.numpy(), atol=1e-4)
