@@ -5,8 +5,10 @@ supported extension point can do its job.
 (`tood_yolo_hook`) once Ultralytics' model classes have loaded. It applies, process-wide:
 
 1. `YOLO.__init__`: a TOOD YAML or checkpoint becomes a `TOOD` model, whose own task map holds TOOD's model, trainer
-   and validator. Ultralytics' `YOLO` does the same to become a `YOLOWorld`, `YOLOE` or `RTDETR`. Any other model is
-   Ultralytics' own, untouched: its class, parser, loss, trainer, validator and NMS.
+   and validator. Ultralytics' `YOLO` does the same to become a `YOLOWorld`, `YOLOE` or `RTDETR`. TOOD's shipped
+   configs are found by name (`model=tood-r50.yaml`, `tood_yolo.nn.configs`), and a YAML name that is neither a file
+   nor a config of TOOD or Ultralytics gets one line naming what exists. Any other model is Ultralytics' own,
+   untouched: its class, parser, loss, trainer, validator and NMS.
 2. Ultralytics' default configuration gains TOOD's training arguments (`tood_yolo_hook.TOOD_ARGS`), so that `yolo
    train recipe=...` passes Ultralytics' argument check. The values then travel with the run's arguments: args.yaml,
    checkpoints, resume, DDP workers and the tuner's child processes. The start-up hook adds them as soon as
@@ -27,6 +29,7 @@ from pathlib import Path
 import tood_yolo_hook
 
 from .data import offline
+from .nn.configs import YAML_SUFFIXES, find_config, unknown_config_message
 from .nn.model import is_tood
 
 _done: set[str] = set()  # the parts of the registration already applied
@@ -34,11 +37,16 @@ _done: set[str] = set()  # the parts of the registration already applied
 
 def _is_tood_yaml(model) -> bool:
     """Whether `model` is the path of a model YAML that is TOOD's (`is_tood`)."""
-    if not isinstance(model, (str, Path)) or Path(model).suffix.lower() not in {".yaml", ".yml"}:
+    if not isinstance(model, (str, Path)) or Path(model).suffix.lower() not in YAML_SUFFIXES:
         return False
     from ultralytics.nn.tasks import yaml_model_load
 
-    return is_tood(yaml_model_load(model))
+    try:
+        return is_tood(yaml_model_load(model))
+    except FileNotFoundError:
+        if Path(model).name == str(model):  # a bare name that Ultralytics does not know either
+            raise FileNotFoundError(unknown_config_message(model)) from None
+        raise
 
 
 def _route_tood_models(init):
@@ -49,6 +57,7 @@ def _route_tood_models(init):
     def __init__(self, model="yolo26n.pt", task=None, verbose=False):
         from .engine.model import TOOD
 
+        model = find_config(model) or model  # TOOD's configs by name, before Ultralytics looks among its own
         if _is_tood_yaml(model):
             tood = TOOD(model, verbose=verbose)
         else:

@@ -14,6 +14,7 @@ from typing import Any
 from ultralytics.engine.model import Model
 from ultralytics.models.yolo.detect import DetectionPredictor
 
+from ..nn.configs import find_config
 from ..nn.model import TOODDetectionModel
 from .trainer import TOODTrainer
 from .validator import TOODDetectionValidator
@@ -23,12 +24,13 @@ class TOOD(Model):
     """A TOOD detection model (a YAML that names TOOD's modules or loss, or a checkpoint of one).
 
     Args:
-        model (str | Path | Model): Model YAML or `.pt` checkpoint, or an initialised `Model` to adopt.
+        model (str | Path | Model): Model YAML (a path, or a shipped config's name such as `tood-n.yaml`) or `.pt`
+            checkpoint, or an initialised `Model` to adopt.
         verbose (bool): Print model information on load.
     """
 
-    def __init__(self, model: str | Path | Model = "cfg/tood-n.yaml", verbose: bool = False):
-        super().__init__(model=model, task="detect", verbose=verbose)
+    def __init__(self, model: str | Path | Model = "tood-n.yaml", verbose: bool = False):
+        super().__init__(model=find_config(model) or model, task="detect", verbose=verbose)
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:

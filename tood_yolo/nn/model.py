@@ -23,6 +23,7 @@ from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights, scale_img
 
 from .backbone import ResNet
+from .configs import find_config
 from .head import TOODHead
 from .neck import FPN
 
@@ -152,16 +153,16 @@ class TOODDetectionModel(tasks.DetectionModel):
     v8 loss), else TOOD's for a T-head and Ultralytics' for any other head; the two crossed cells are the ablation's.
 
     Args:
-        cfg (str | dict): Model YAML path or dict.
+        cfg (str | dict): Model YAML path, the name of a shipped TOOD config (`tood-r50.yaml`), or a dict.
         ch (int): Input channels.
         nc (int, optional): Class count overriding the YAML's.
         verbose (bool): Print the layer table and the model summary.
     """
 
-    def __init__(self, cfg: str | dict = "cfg/tood-r50.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True):
+    def __init__(self, cfg: str | dict = "tood-r50.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True):
         # not DetectionModel's, whose parser is a module global that knows no TOOD module
         tasks.BaseModel.__init__(self)
-        self.yaml = cfg if isinstance(cfg, dict) else tasks.yaml_model_load(cfg)
+        self.yaml = cfg if isinstance(cfg, dict) else tasks.yaml_model_load(find_config(cfg) or cfg)
         self.yaml["channels"] = ch
         if nc and nc != self.yaml["nc"]:
             LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")

@@ -1,0 +1,36 @@
+"""TOOD's model configs by name, as Ultralytics finds its own: `model=tood-r50.yaml` or `yolo11n-tood-bn.yaml` from any
+folder.
+
+The YAMLs live in the repository's `cfg/`, which the wheel ships as `tood_yolo/cfg/` (pyproject's force-include), so a
+source checkout, an editable install and a wheel install all find them. A path that exists always wins over a name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1]
+CONFIG_DIRS = (PACKAGE / "cfg", PACKAGE.parent / "cfg")  # wheel install; source checkout or editable install
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def config_names() -> list[str]:
+    """The file names of every TOOD config shipped with the package, sorted."""
+    return sorted({p.name for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def find_config(model) -> Path | None:
+    """The shipped config a bare YAML name (`tood-n.yaml`) means, or None: for paths that exist, for names that are
+    not TOOD's (Ultralytics' own, e.g. `yolo11n.yaml`) and for anything that is not a YAML name."""
+    if not isinstance(model, (str, Path)) or Path(model).suffix.lower() not in YAML_SUFFIXES:
+        return None
+    path = Path(model)
+    if path.exists() or path.name != str(model):  # an existing file, or a path with folders: the user's own
+        return None
+    return next((d / path.name for d in CONFIG_DIRS if (d / path.name).is_file()), None)
+
+
+def unknown_config_message(model) -> str:
+    """One line for a YAML name that is neither a file, nor TOOD's, nor Ultralytics': what was typed, what exists."""
+    return (f"model={model}: no such file, and not a config of TOOD or Ultralytics. TOOD configs: "
+            f"{', '.join(config_names())}; Ultralytics' own, e.g. yolo11n.yaml, yolov8s.yaml")
