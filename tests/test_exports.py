@@ -15,6 +15,8 @@ from ultralytics import YOLO
 from ultralytics.nn.autobackend import AutoBackend
 from ultralytics.utils import ASSETS
 
+from tood_yolo.nn.ops import every
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
@@ -35,10 +37,11 @@ def spread_model(cfg: str, tmp_path: Path) -> YOLO:
     torch.manual_seed(0)
     model = YOLO(str(tmp_path / cfg))
     head = model.model.model[-1]
-    for conv, gain in ((head.tood_cls, 2), (head.cls_prob_module[2], 2), (head.tood_reg, 1),
-                       (head.reg_offset_module[2], 2)):
-        torch.nn.init.normal_(conv.weight, 0, gain / conv.weight[0].numel() ** 0.5)
-        torch.nn.init.zeros_(conv.bias)
+    for convs, gain in ((head.tood_cls, 2), (head.cls_prob_module, 2), (head.tood_reg, 1), (head.reg_offset_module, 2)):
+        for conv in every(convs):  # one per level for per-level trunks
+            conv = conv[2] if isinstance(conv, torch.nn.Sequential) else conv  # M's and O's last conv
+            torch.nn.init.normal_(conv.weight, 0, gain / conv.weight[0].numel() ** 0.5)
+            torch.nn.init.zeros_(conv.bias)
     return model
 
 
@@ -88,3 +91,24 @@ def test_opencv_dnn_runs_tood_onnx_as_onnxruntime_does(cfg, conf, n, tmp_path):
     np.testing.assert_array_equal(dnn.cls.numpy(), ort.cls.numpy())
     np.testing.assert_allclose(dnn.xyxy.numpy(), ort.xyxy.numpy(), atol=1e-2)
     np.testing.assert_allclose(dnn.conf.numpy(), ort.conf.numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx-dnn", "ncnn"])
+def test_batchnorm_dfl_head_exports_to_opencv_dnn_and_ncnn(fmt, tmp_path):
+    """The YOLO-regime head (per-level BatchNorm trunks, DFL distributions sampled by O) in the two runtimes with the
+    fewest operators: OpenCV DNN gives ONNX Runtime's outputs, NCNN PyTorch's, within the tolerances above."""
+    model = spread_model("yolo11n-tood-bn.yaml", tmp_path)
+    x = torch.rand(1, 3, 128, 128)
+    if fmt == "ncnn":
+        pytest.importorskip("ncnn", reason="NCNN export and inference need the 'ncnn' package (pip install ncnn)")
+        pytest.importorskip("pnnx", reason="NCNN export needs the 'pnnx' package (pip install pnnx==20260526)")
+        f = model.export(format="ncnn", imgsz=128)
+        with torch.no_grad():
+            expected = model.model.eval()(x)[0]
+        assert_same_outputs(AutoBackend(f, device=CPU)(x), expected, box_atol=5e-3, score_atol=1e-5)
+    else:
+        pytest.importorskip("onnxruntime", reason="the reference backend needs 'onnxruntime' (the export extra)")
+        f = model.export(format="onnx", imgsz=128)
+        expected = AutoBackend(f, device=CPU)(x)
+        assert_same_outputs(AutoBackend(f, device=CPU, dnn=True)(x), expected, box_atol=5e-3, score_atol=1e-4)

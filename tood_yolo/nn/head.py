@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,15 @@ PRIOR_PROB = 0.01  # the reference's initial foreground probability (bias -4.595
 TRUNKS = ("shared", "level")  # one trunk for all levels (the paper's), or a trunk per level
 REGS = ("ltrb", "dfl")  # the paper's exp(ltrb) distances, or DFL distributions (GFL, Ultralytics' Detect)
 DFL_BINS = 16  # Ultralytics' reg_max: distances of 0-15 strides
+
+
+def changed(key, cached) -> bool:
+    """Whether a cache key of input sizes differs from the cached one. While an export traces the model the sizes are
+    traced values and the comparison warns (TracerWarning) that it becomes a constant: that is what a static export
+    wants (its dry run filled the cache at the export size; dynamic exports recompute instead), so it is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        return key != cached
 
 
 def bias_init_with_prob(prior_prob: float) -> float:
@@ -349,11 +359,12 @@ class TOODHead(Detect):
         b, _, h, w = logits.shape
         r = self.dfl.c1
         sign = logits.new_tensor([-1.0, -1.0, 1.0, 1.0]).view(1, 4, 1, 1)
-        origin = points[:, [0, 1, 0, 1]]
+        origin = torch.cat((points, points), 1)  # (x, y, x, y); slices and cats only, for NCNN (no index layer)
         dist_raw = self.dfl(logits.view(b, 4 * r, h * w)).view(b, 4, h, w)
         box_raw = origin + sign * dist_raw
-        # x1 and x2 move with their dx, y1 and y2 with their dy: channels dx_x1, dy_y1, dx_x2, dy_y2 of O
-        box = origin + offset[:, [1, 2, 5, 6]] + sign * deform_sampling(dist_raw, offset, "border")
+        # x1 and x2 move with their dx, y1 and y2 with their dy: channels dx_x1, dy_y1 (1, 2), dx_x2, dy_y2 (5, 6) of O
+        shift = torch.cat((offset[:, 1:3], offset[:, 5:7]), 1)
+        box = origin + shift + sign * deform_sampling(dist_raw, offset, "border")
         invalid = inverted(box)
         out = {"box_raw": box_raw, "box": select(invalid, box_raw, box)}
         if not self.export:
@@ -399,7 +410,7 @@ class TOODHead(Detect):
         if self.training or self.dynamic:
             return make_anchors(x, torch.ones(self.nl), self.anchor_offset)[0]
         key = (tuple(xi.shape[2:] for xi in x), x[0].device, x[0].dtype)
-        if key != self._anchor_key:
+        if changed(key, self._anchor_key):
             self._anchor_points = make_anchors(x, torch.ones(self.nl), self.anchor_offset)[0]
             self._anchor_key = key
         return self._anchor_points
@@ -425,7 +436,7 @@ class TOODHead(Detect):
     def _inference(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, 4 + nc, A): boxes in pixels (xywh, or xyxy for end-to-end/xyxy exports) and the aligned scores."""
         shape = x["feats"][0].shape
-        if self.dynamic or self.shape != shape:
+        if self.dynamic or changed(shape, self.shape):
             self.strides = make_anchors(x["feats"], self.stride, self.anchor_offset)[1].transpose(0, 1)
             self.shape = shape
         boxes = x["boxes"] * self.strides
