@@ -1,0 +1,61 @@
+"""The pre-NMS bound of TOOD models: NMS sees at most `MAX_NMS` candidates per image, the best-scored ones.
+
+Why TOOD needs one: the aligned score sqrt(sigmoid(cls) * sigmoid(M)) lifts every small probability (sqrt(1e-4 * 0.5)
+= 0.007), so at Ultralytics' validation threshold conf=0.001 nearly every (anchor, class) pair is a candidate of
+multi-label NMS: ~34k per image for tood-n's 5 classes at 256, ~680k for 80 classes and 8,525 anchors at 640, where
+Ultralytics' own cap (`max_nms`, 30,000) is the only limit. Greedy NMS costs up to n^2 box comparisons in them.
+
+Which bound: Ultralytics' `max_nms` of `non_max_suppression`, at `MAX_NMS` instead of 30,000: the k best-scored
+candidates of each image after the conf threshold, over (anchor, class) pairs in multi-label validation and over
+anchors (their best class) in prediction. Not the reference's per-level top-k (mmdet's `filter_scores_and_topk`,
+`nms_pre=1000` on each level), because
+- what costs is NMS over the whole image, and one number per image bounds it whatever the levels (P3-P5 or P3-P7:
+  per level, `nms_pre` lets 3,000 or 5,000 candidates through);
+- it is the cap Ultralytics already applies to its own models, with the same meaning of conf, iou and max_det;
+- the head's output is the levels concatenated; a per-level top-k would need their sizes from the head.
+
+How: Ultralytics applies `max_nms` after it has built a row for every candidate pair and sorted them all (at 680k
+pairs that alone costs more than NMS). `top_anchors` first keeps the k anchors of each image with the highest
+best-class score. Those hold the k best candidates: an anchor outside them has k anchors scored above its best class,
+each with a pair above any of its own. So NMS with `max_nms=k` gets the same candidates from the (B, 4 + nc, k)
+output as from the whole one (up to ties at the k-th score) and builds and sorts k * nc rows at most.
+
+`MAX_NMS` = 1000: the reference's `nms_pre` and over 3x Ultralytics' `max_det` (300); see benchmarks/postprocess.py
+for mAP50-95 with and without the bound and the post-processing time next to YOLOv8's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MAX_NMS = 1000
+
+
+def top_anchors(
+    preds: torch.Tensor | Sequence[torch.Tensor], k: int, nc: int, classes: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The k anchors of each image with the highest best-class score, in their original order.
+
+    Args:
+        preds (torch.Tensor | Sequence[torch.Tensor]): (B, 4 + nc + extra, A) boxes, class scores and extra channels
+            (Ultralytics' inference layout), or a tuple whose first element is that tensor (a model in eval mode).
+        k (int): Anchors kept per image.
+        nc (int): Number of classes (the score channels 4 .. 4 + nc).
+        classes (Sequence[int], optional): The `classes=` filter of best-class NMS (prediction): an anchor whose best
+            class is not one of them is no candidate there, so it is ranked last.
+
+    Returns:
+        (torch.Tensor): (B, 4 + nc + extra, min(k, A)) the kept anchors' channels (`preds` itself when A <= k).
+        (torch.Tensor | None): (B, min(k, A)) their indices in the A anchors, None when every anchor is kept.
+    """
+    if isinstance(preds, (list, tuple)):
+        preds = preds[0]
+    if preds.shape[-1] <= k:
+        return preds, None
+    score, best = preds[:, 4 : 4 + nc].max(1)  # (B, A)
+    if classes is not None:
+        score = score.masked_fill(~torch.isin(best, torch.as_tensor(classes, device=best.device)), -1.0)
+    idx = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # the anchors' order: NMS breaks ties alike
+    return preds.gather(2, idx[:, None].expand(-1, preds.shape[1], -1)), idx

@@ -1,0 +1,36 @@
+"""`TOODDetectionPredictor`: Ultralytics' detection predictor with TOOD's pre-NMS bound (`engine/candidates.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ultralytics.engine.results import Results
+from ultralytics.models.yolo.detect import DetectionPredictor
+
+from .candidates import MAX_NMS, top_anchors
+
+
+class TOODDetectionPredictor(DetectionPredictor):
+    """Ultralytics' DetectionPredictor whose NMS gets at most `max_nms` candidates per image: the anchors with the
+    best scores (best class, after `classes=`), exactly those Ultralytics' own `max_nms` cap would keep.
+
+    Everything else (conf, iou, max_det, classes, agnostic NMS, tracking and its ReID features) is Ultralytics'.
+
+    Attributes:
+        max_nms (int): Candidates per image given to NMS (Ultralytics' own default is 30,000).
+    """
+
+    max_nms: int = MAX_NMS
+
+    def postprocess(self, preds: torch.Tensor, img: torch.Tensor, orig_imgs: Any, **kwargs: Any) -> list[Results]:
+        """`DetectionPredictor.postprocess` on the `max_nms` best anchors of each image of preds (B, 4 + nc, A)."""
+        preds, self._kept = top_anchors(preds, self.max_nms, len(self.model.names), self.args.classes)
+        return super().postprocess(preds, img, orig_imgs, **kwargs)
+
+    def get_obj_feats(self, feat_maps: list[torch.Tensor], idxs: list[torch.Tensor]) -> list[torch.Tensor | list]:
+        """Ultralytics' object features (tracking's ReID) for NMS's kept indices, which count the kept anchors: mapped
+        back to the model's A anchors first."""
+        if self._kept is not None:
+            idxs = [kept[i.long()] for kept, i in zip(self._kept, idxs)]
+        return super().get_obj_feats(feat_maps, idxs)
