@@ -1,14 +1,15 @@
-"""The pre-NMS bound of TOOD models: NMS sees at most `MAX_NMS` candidates per image, the best-scored ones.
+"""The pre-NMS bound of TOOD models: NMS sees at most `nms_bound` candidates per image, the best-scored ones.
 
 Why TOOD needs one: the aligned score sqrt(sigmoid(cls) * sigmoid(M)) lifts every small probability (sqrt(1e-4 * 0.5)
 = 0.007), so at Ultralytics' validation threshold conf=0.001 nearly every (anchor, class) pair is a candidate of
-multi-label NMS: ~34k per image for tood-n's 5 classes at 256, ~680k for 80 classes and 8,525 anchors at 640, where
+multi-label NMS: 15,345 per image for tood-n's 5 classes on the main job's val (3,069 anchors at 384, the size
+Ultralytics' rect validation pads its 256 px images to), ~680k for 80 classes and 8,525 anchors at 640, where
 Ultralytics' own cap (`max_nms`, 30,000) is the only limit. Greedy NMS costs up to n^2 box comparisons in them.
 
-Which bound: Ultralytics' `max_nms` of `non_max_suppression`, at `MAX_NMS` instead of 30,000: the k best-scored
-candidates of each image after the conf threshold, over (anchor, class) pairs in multi-label validation and over
-anchors (their best class) in prediction. Not the reference's per-level top-k (mmdet's `filter_scores_and_topk`,
-`nms_pre=1000` on each level), because
+Which bound: Ultralytics' `max_nms` of `non_max_suppression`, at k = `nms_bound` instead of 30,000: the k
+best-scored candidates of each image after the conf threshold, over (anchor, class) pairs in multi-label validation
+and over anchors (their best class) in prediction. Not the reference's per-level top-k (mmdet's
+`filter_scores_and_topk`, `nms_pre=1000` on each level), because
 - what costs is NMS over the whole image, and one number per image bounds it whatever the levels (P3-P5 or P3-P7:
   per level, `nms_pre` lets 3,000 or 5,000 candidates through);
 - it is the cap Ultralytics already applies to its own models, with the same meaning of conf, iou and max_det;
@@ -20,8 +21,12 @@ best-class score. Those hold the k best candidates: an anchor outside them has k
 each with a pair above any of its own. So NMS with `max_nms=k` gets the same candidates from the (B, 4 + nc, k)
 output as from the whole one (up to ties at the k-th score) and builds and sorts k * nc rows at most.
 
-`MAX_NMS` = 1000: the reference's `nms_pre` and over 3x Ultralytics' `max_det` (300); see benchmarks/postprocess.py
-for mAP50-95 with and without the bound and the post-processing time next to YOLOv8's.
+k = `MAX_NMS` (300), or `max_det` if larger: NMS returns at most max_det detections, and k = max_det is the smallest
+bound with which it still can. What goes is the tail of the detections (the bounded output is the first detections
+of the unbounded one: a candidate's suppressors all score above it, so they are among the k best too). Greedy NMS
+costs more than linearly in k: on the main job's synthetic val (tood-n, 15,345 candidates per image at 384) k = 300
+took 1.5x yolov8n's post-processing and k = 1000 (the reference's `nms_pre`) 4x, for the same mAP50-95 as no bound
+(0.3918 and 0.3920 against 0.3920; benchmarks/postprocess.py, README).
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ from collections.abc import Sequence
 
 import torch
 
-MAX_NMS = 1000
+MAX_NMS = 300
+
+
+def nms_bound(max_nms: int, max_det: int) -> int:
+    """Candidates per image given to NMS: `max_nms`, but never fewer than `max_det`, so NMS can still return max_det."""
+    return max(max_nms, max_det)
 
 
 def top_anchors(

@@ -8,24 +8,25 @@ import torch
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor
 
-from .candidates import MAX_NMS, top_anchors
+from .candidates import MAX_NMS, nms_bound, top_anchors
 
 
 class TOODDetectionPredictor(DetectionPredictor):
-    """Ultralytics' DetectionPredictor whose NMS gets at most `max_nms` candidates per image: the anchors with the
-    best scores (best class, after `classes=`), exactly those Ultralytics' own `max_nms` cap would keep.
+    """Ultralytics' DetectionPredictor whose NMS gets at most `max_nms` (or `max_det`) candidates per image: the anchors
+    with the best scores (best class, after `classes=`), exactly those Ultralytics' own `max_nms` cap would keep.
 
     Everything else (conf, iou, max_det, classes, agnostic NMS, tracking and its ReID features) is Ultralytics'.
 
     Attributes:
-        max_nms (int): Candidates per image given to NMS (Ultralytics' own default is 30,000).
+        max_nms (int): Candidates per image given to NMS, at least max_det (Ultralytics' own cap is 30,000).
     """
 
     max_nms: int = MAX_NMS
 
     def postprocess(self, preds: torch.Tensor, img: torch.Tensor, orig_imgs: Any, **kwargs: Any) -> list[Results]:
-        """`DetectionPredictor.postprocess` on the `max_nms` best anchors of each image of preds (B, 4 + nc, A)."""
-        preds, self._kept = top_anchors(preds, self.max_nms, len(self.model.names), self.args.classes)
+        """`DetectionPredictor.postprocess` on the `nms_bound` best anchors of each image of preds (B, 4 + nc, A)."""
+        k = nms_bound(self.max_nms, self.args.max_det)
+        preds, self._kept = top_anchors(preds, k, len(self.model.names), self.args.classes)
         return super().postprocess(preds, img, orig_imgs, **kwargs)
 
     def get_obj_feats(self, feat_maps: list[torch.Tensor], idxs: list[torch.Tensor]) -> list[torch.Tensor | list]:

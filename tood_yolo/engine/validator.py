@@ -33,7 +33,7 @@ import torch
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER, nms
 
-from .candidates import MAX_NMS, top_anchors
+from .candidates import MAX_NMS, nms_bound, top_anchors
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -120,8 +120,8 @@ def coco_eval(
 
 
 class TOODDetectionValidator(DetectionValidator):
-    """Ultralytics' DetectionValidator whose NMS gets at most `max_nms` candidates per image, and whose `save_json=True`
-    COCO evaluation runs pycocotools (offline).
+    """Ultralytics' DetectionValidator whose NMS gets at most `max_nms` (or `max_det`) candidates per image, and whose
+    `save_json=True` COCO evaluation runs pycocotools (offline).
 
     NMS runs without Ultralytics' time limit (2 s + 0.05 s per image of a batch). Past it Ultralytics only warns and
     gives the rest of the batch no detections, so mAP would depend on the machine's load (it did for weakly trained
@@ -132,7 +132,7 @@ class TOODDetectionValidator(DetectionValidator):
     unchanged.
 
     Attributes:
-        max_nms (int): Candidates per image given to NMS (Ultralytics' own default is 30,000).
+        max_nms (int): Candidates per image given to NMS, at least max_det (Ultralytics' own cap is 30,000).
     """
 
     max_nms: int = MAX_NMS
@@ -150,9 +150,9 @@ class TOODDetectionValidator(DetectionValidator):
             )
 
     def postprocess(self, preds: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """`DetectionValidator.postprocess` (its NMS call, argument for argument) on at most `max_nms` candidates per
-        image (`tood_yolo.engine.candidates`: the best-scored ones, as Ultralytics' own `max_nms` cap picks them),
-        without NMS's time limit (see the class).
+        """`DetectionValidator.postprocess` (its NMS call, argument for argument) on at most `max_nms` (or `max_det`)
+        candidates per image (`tood_yolo.engine.candidates`: the best-scored ones, as Ultralytics' own `max_nms` cap
+        picks them), without NMS's time limit (see the class).
 
         Args:
             preds (torch.Tensor): (B, 4 + nc, A) boxes and scores, or the eval-mode tuple whose first element it is.
@@ -161,7 +161,8 @@ class TOODDetectionValidator(DetectionValidator):
             (list[dict[str, torch.Tensor]]): Per image, the NMS output's 'bboxes' (N, 4) xyxy, 'conf' (N,), 'cls' (N,)
                 and 'extra' (N, 0).
         """
-        preds, _ = top_anchors(preds, self.max_nms, self.nc)
+        k = nms_bound(self.max_nms, self.args.max_det)
+        preds, _ = top_anchors(preds, k, self.nc)
         outputs = nms.non_max_suppression(
             preds,
             self.args.conf,
@@ -173,7 +174,7 @@ class TOODDetectionValidator(DetectionValidator):
             end2end=self.end2end,
             rotated=self.args.task == "obb",
             max_time_img=math.inf,
-            max_nms=self.max_nms,
+            max_nms=k,
         )
         return [{"bboxes": x[:, :4], "conf": x[:, 4], "cls": x[:, 5], "extra": x[:, 6:]} for x in outputs]
 
