@@ -11,12 +11,12 @@ best-scored candidates of each image after the conf threshold, over (anchor, cla
 and over anchors (their best class) in prediction. Not the reference's per-level top-k (mmdet's
 `filter_scores_and_topk`, `nms_pre=1000` on each level), because
 - what costs is NMS over the whole image, and one number per image bounds it whatever the levels (P3-P5 or P3-P7:
-  per level, `nms_pre` lets 3,000 or 5,000 candidates through);
+  per level, `nms_pre` lets up to 3,000 or 5,000 candidates through);
 - it is the cap Ultralytics already applies to its own models, with the same meaning of conf, iou and max_det;
 - the head's output is the levels concatenated; a per-level top-k would need their sizes from the head.
 
-How: Ultralytics applies `max_nms` after it has built a row for every candidate pair and sorted them all (at 680k
-pairs that alone costs more than NMS). `top_anchors` first keeps the k anchors of each image with the highest
+How: Ultralytics applies `max_nms` after it has built a row for every candidate pair and sorted them all (a 680k-row
+matrix and its sort for COCO-sized outputs). `top_anchors` first keeps the k anchors of each image with the highest
 best-class score. Those hold the k best candidates: an anchor outside them has k anchors scored above its best class,
 each with a pair above any of its own. So NMS with `max_nms=k` gets the same candidates from the (B, 4 + nc, k)
 output as from the whole one (up to ties at the k-th score) and builds and sorts k * nc rows at most.
