@@ -21,7 +21,7 @@ from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionPredictor
 from ultralytics.utils import nms
 
-from tood_yolo.engine.candidates import MAX_NMS, top_anchors
+from tood_yolo.engine.candidates import MAX_NMS, needs_bound, top_anchors
 from tood_yolo.engine.predictor import TOODDetectionPredictor
 from tood_yolo.engine.validator import TOODDetectionValidator
 
@@ -87,6 +87,17 @@ def test_predictor_maps_reid_indices_back_to_anchors():
     got = predictor.get_obj_feats(feats, bounded)
     want = DetectionPredictor.get_obj_feats(feats, full)
     assert len(full[0]) > 0 and all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_only_t_head_models_and_exports_are_bounded(untrained):
+    """Ultralytics' Detect validated through TOOD's classes (ablation, alignment study) keeps Ultralytics' own cap."""
+    from types import SimpleNamespace
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    assert needs_bound(untrained.model)
+    assert not needs_bound(DetectionModel("yolov8n.yaml", nc=3, verbose=False))
+    assert needs_bound(SimpleNamespace(format="openvino"))  # an export: no modules to look at
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,10 @@ of the unbounded one: a candidate's suppressors all score above it, so they are 
 costs more than linearly in k: on the main job's synthetic val (tood-n, 15,345 candidates per image at 384) k = 300
 took 1.5x yolov8n's post-processing and k = 1000 (the reference's `nms_pre`) 4x, for the same mAP50-95 as no bound
 (0.3918 and 0.3920 against 0.3920; benchmarks/postprocess.py, README).
+
+Which models: those with a T-head (`needs_bound`). A PyTorch model without one that is validated or predicted through
+TOOD's classes (Ultralytics' Detect in the ablation or the alignment study) keeps Ultralytics' cap, so that it is
+evaluated exactly as Ultralytics evaluates it. An export shows no modules; TOOD's classes bound it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,19 @@ from collections.abc import Sequence
 
 import torch
 
+from ..nn.head import TOODHead
+
 MAX_NMS = 300
+ULTRALYTICS_MAX_NMS = 30_000  # non_max_suppression's default cap
+
+
+def needs_bound(model: torch.nn.Module) -> bool:
+    """Whether NMS's candidates are bounded for `model` (a model, or Ultralytics' AutoBackend around one): it holds a
+    T-head, or it is an export (format other than "pt"), whose modules cannot be seen."""
+    if getattr(model, "format", "pt") != "pt":
+        return True
+    module = getattr(model, "model", model)  # AutoBackend's PyTorch model (its backend's), or the model's layers
+    return isinstance(module, torch.nn.Module) and any(isinstance(m, TOODHead) for m in module.modules())
 
 
 def nms_bound(max_nms: int, max_det: int) -> int:

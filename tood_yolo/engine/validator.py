@@ -33,7 +33,7 @@ import torch
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER, nms
 
-from .candidates import MAX_NMS, nms_bound, top_anchors
+from .candidates import MAX_NMS, ULTRALYTICS_MAX_NMS, needs_bound, nms_bound, top_anchors
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -120,8 +120,8 @@ def coco_eval(
 
 
 class TOODDetectionValidator(DetectionValidator):
-    """Ultralytics' DetectionValidator whose NMS gets at most `max_nms` (or `max_det`) candidates per image, and whose
-    `save_json=True` COCO evaluation runs pycocotools (offline).
+    """Ultralytics' DetectionValidator whose NMS gets at most `max_nms` (or `max_det`) candidates per image for models
+    with a T-head, and whose `save_json=True` COCO evaluation runs pycocotools (offline).
 
     NMS runs without Ultralytics' time limit (2 s + 0.05 s per image of a batch). Past it Ultralytics only warns and
     gives the rest of the batch no detections, so mAP would depend on the machine's load (it did for weakly trained
@@ -133,14 +133,18 @@ class TOODDetectionValidator(DetectionValidator):
 
     Attributes:
         max_nms (int): Candidates per image given to NMS, at least max_det (Ultralytics' own cap is 30,000).
+        bounded (bool): Whether the bound applies to the model being validated (`needs_bound`; set by init_metrics).
     """
 
     max_nms: int = MAX_NMS
+    bounded: bool = True
 
     def init_metrics(self, model) -> None:
-        """Ultralytics' metrics set-up, and a warning when the model's class names are not the dataset's: the
-        results would pair the dataset's class ids with the model's names (e.g. COCO persons reported as 'RBC')."""
+        """Ultralytics' metrics set-up, whether NMS's candidates are bounded for this model (`needs_bound`), and a
+        warning when the model's class names are not the dataset's: the results would pair the dataset's class ids with
+        the model's names (e.g. COCO persons reported as 'RBC')."""
         super().init_metrics(model)
+        self.bounded = needs_bound(model)
         ours, theirs = list(self.names.values()), list(self.data["names"].values())
         if not self.training and not self.args.single_cls and ours != theirs:
             LOGGER.warning(
@@ -151,8 +155,8 @@ class TOODDetectionValidator(DetectionValidator):
 
     def postprocess(self, preds: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """`DetectionValidator.postprocess` (its NMS call, argument for argument) on at most `max_nms` (or `max_det`)
-        candidates per image (`tood_yolo.engine.candidates`: the best-scored ones, as Ultralytics' own `max_nms` cap
-        picks them), without NMS's time limit (see the class).
+        candidates per image when `bounded` (`tood_yolo.engine.candidates`: the best-scored ones, as Ultralytics' own
+        `max_nms` cap picks them), without NMS's time limit (see the class).
 
         Args:
             preds (torch.Tensor): (B, 4 + nc, A) boxes and scores, or the eval-mode tuple whose first element it is.
@@ -161,7 +165,7 @@ class TOODDetectionValidator(DetectionValidator):
             (list[dict[str, torch.Tensor]]): Per image, the NMS output's 'bboxes' (N, 4) xyxy, 'conf' (N,), 'cls' (N,)
                 and 'extra' (N, 0).
         """
-        k = nms_bound(self.max_nms, self.args.max_det)
+        k = nms_bound(self.max_nms, self.args.max_det) if self.bounded else ULTRALYTICS_MAX_NMS
         preds, _ = top_anchors(preds, k, self.nc)
         outputs = nms.non_max_suppression(
             preds,
