@@ -207,6 +207,7 @@ def main(argv=None) -> None:
     p.add_argument("--twin", help="its Ultralytics twin, checkpoint or YAML (with --model)")
     p.add_argument("--data", help="dataset YAML (with --model)")
     p.add_argument("--imgsz", type=int, default=256, help="validation image size (with --model)")
+    p.add_argument("--name", default="custom", help="the data column of the rows (with --model)")
     p.add_argument("--max-nms", type=int, nargs="+", default=[MAX_NMS], help="bounds to measure (candidates/image)")
     p.add_argument("--no-unbounded", action="store_true", help="skip the unbounded pass (slow for untrained models)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the recorded post-processing")
@@ -215,7 +216,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.model and not (args.twin and args.data):
         p.error("--model needs --twin and --data")
-    plan = [("custom", args.model, args.twin, args.data, args.imgsz)] if args.model else PLAN
+    plan = [(args.name, args.model, args.twin, args.data, args.imgsz)] if args.model else PLAN
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         f.write(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, torch "
