@@ -1,9 +1,10 @@
 """`TOOD`: the Ultralytics model class of TOOD models, as `RTDETR` is RT-DETR's (`ultralytics/models/rtdetr/model.py`).
 
 `TOOD("cfg/tood-n.yaml")` or `TOOD("best.pt")` trains, validates, predicts and exports with every Ultralytics mode,
-through TOOD's own task map: `TOODDetectionModel`, `TOODTrainer`, `TOODDetectionValidator` and Ultralytics'
-`DetectionPredictor`. `YOLO(...)` (and so the `yolo` command) turns into a `TOOD` for a TOOD YAML or checkpoint, as it
-turns into a `YOLOWorld` or an `RTDETR` for theirs (`tood_yolo.register`).
+through TOOD's own task map: `TOODDetectionModel`, `TOODTrainer`, `TOODDetectionValidator` and
+`TOODDetectionPredictor` (the last two bound NMS's candidates, `engine/candidates.py`). `YOLO(...)` (and so the `yolo`
+command) turns into a `TOOD` for a TOOD YAML or checkpoint, as it turns into a `YOLOWorld` or an `RTDETR` for theirs
+(`tood_yolo.register`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ultralytics.engine.model import Model
-from ultralytics.models.yolo.detect import DetectionPredictor
 
 from ..nn.configs import find_config
 from ..nn.model import TOODDetectionModel
+from .predictor import TOODDetectionPredictor
 from .trainer import TOODTrainer
 from .validator import TOODDetectionValidator
 
@@ -34,12 +35,12 @@ class TOOD(Model):
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:
-        """TOOD's model, trainer and validator, and Ultralytics' predictor, for the one task TOOD does."""
+        """TOOD's model, trainer, validator and predictor, for the one task TOOD does."""
         return {
             "detect": {
                 "model": TOODDetectionModel,
                 "trainer": TOODTrainer,
                 "validator": TOODDetectionValidator,
-                "predictor": DetectionPredictor,
+                "predictor": TOODDetectionPredictor,
             }
         }

@@ -1,5 +1,5 @@
-"""`TOODDetectionValidator`: Ultralytics' detection validator with NMS free of its time limit, a class-name check,
-and COCO's official box AP table (pycocotools) for `save_json=True`, offline.
+"""`TOODDetectionValidator`: Ultralytics' detection validator with TOOD's pre-NMS bound (`engine/candidates.py`), a
+class-name check, and COCO's official box AP table (pycocotools) for `save_json=True`, offline.
 
 What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_json` / `coco_evaluate`):
 
@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER, nms
+
+from .candidates import MAX_NMS, ULTRALYTICS_MAX_NMS, needs_bound, nms_bound, top_anchors
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -118,17 +120,31 @@ def coco_eval(
 
 
 class TOODDetectionValidator(DetectionValidator):
-    """Ultralytics' DetectionValidator whose `save_json=True` COCO evaluation runs pycocotools (offline), and whose NMS
-    has no time limit.
+    """Ultralytics' DetectionValidator whose NMS gets at most `max_nms` (or `max_det`) candidates per image for models
+    with a T-head, and whose `save_json=True` COCO evaluation runs pycocotools (offline).
 
-    Same inputs as Ultralytics' faster-coco-eval path (COCO/LVIS annotation file, or the ground truth built from the
-    labels for other sets), same stats keys; everything else is Ultralytics' validator unchanged.
+    NMS runs without Ultralytics' time limit (2 s + 0.05 s per image of a batch). Past it Ultralytics only warns and
+    gives the rest of the batch no detections, so mAP would depend on the machine's load (it did for weakly trained
+    models on this project's shared CPU before the bound). The limit guards against NMS on tens of thousands of
+    candidates; with at most `max_nms` per image NMS cannot run away, and the limit would be left with nothing to do
+    but that load dependence. Same inputs as Ultralytics' faster-coco-eval path (COCO/LVIS annotation file, or the
+    ground truth built from the labels for other sets), same stats keys; everything else is Ultralytics' validator
+    unchanged.
+
+    Attributes:
+        max_nms (int): Candidates per image given to NMS, at least max_det (Ultralytics' own cap is 30,000).
+        bounded (bool): Whether the bound applies to the model being validated (`needs_bound`; set by init_metrics).
     """
 
+    max_nms: int = MAX_NMS
+    bounded: bool = True
+
     def init_metrics(self, model) -> None:
-        """Ultralytics' metrics set-up, and a warning when the model's class names are not the dataset's: the
-        results would pair the dataset's class ids with the model's names (e.g. COCO persons reported as 'RBC')."""
+        """Ultralytics' metrics set-up, whether NMS's candidates are bounded for this model (`needs_bound`), and a
+        warning when the model's class names are not the dataset's: the results would pair the dataset's class ids with
+        the model's names (e.g. COCO persons reported as 'RBC')."""
         super().init_metrics(model)
+        self.bounded = needs_bound(model)
         ours, theirs = list(self.names.values()), list(self.data["names"].values())
         if not self.training and not self.args.single_cls and ours != theirs:
             LOGGER.warning(
@@ -138,13 +154,19 @@ class TOODDetectionValidator(DetectionValidator):
             )
 
     def postprocess(self, preds: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """`DetectionValidator.postprocess` (its NMS call, argument for argument) without NMS's time limit.
+        """`DetectionValidator.postprocess` (its NMS call, argument for argument) on at most `max_nms` (or `max_det`)
+        candidates per image when `bounded` (`tood_yolo.engine.candidates`: the best-scored ones, as Ultralytics' own
+        `max_nms` cap picks them), without NMS's time limit (see the class).
 
-        Past the limit (2 s + 0.05 s per image) Ultralytics only warns and gives the rest of the batch no detections,
-        so on a slow or busy CPU the mAP of a weakly trained model (every score above conf=0.001 early in TOOD training)
-        would depend on the load. The limit is an argument of `non_max_suppression` that the validator leaves at its
-        default: overriding the call lifts it for this validator alone (other models and threads keep it).
+        Args:
+            preds (torch.Tensor): (B, 4 + nc, A) boxes and scores, or the eval-mode tuple whose first element it is.
+
+        Returns:
+            (list[dict[str, torch.Tensor]]): Per image, the NMS output's 'bboxes' (N, 4) xyxy, 'conf' (N,), 'cls' (N,)
+                and 'extra' (N, 0).
         """
+        k = nms_bound(self.max_nms, self.args.max_det) if self.bounded else ULTRALYTICS_MAX_NMS
+        preds, _ = top_anchors(preds, k, self.nc)
         outputs = nms.non_max_suppression(
             preds,
             self.args.conf,
@@ -156,6 +178,7 @@ class TOODDetectionValidator(DetectionValidator):
             end2end=self.end2end,
             rotated=self.args.task == "obb",
             max_time_img=math.inf,
+            max_nms=k,
         )
         return [{"bboxes": x[:, :4], "conf": x[:, 4], "cls": x[:, 5], "extra": x[:, 6:]} for x in outputs]
 
