@@ -20,8 +20,8 @@ validators of the case in interleaved rounds (`--rounds`, median per image, then
 ratio compares times taken under the same load. Rows are appended to `--out` as each case ends.
 
 PLAN, the cases of issue 19:
-- synthetic val (64 images, imgsz 256): tood-n trained by `python train.py` and yolov8n trained by
-  `python train.py model=yolov8n.yaml name=yolov8n-synthetic` (same settings); skipped with a note if not trained.
+- synthetic val (64 images, imgsz 256): tood-n and yolov8n trained by the main job's settings, `python train.py
+  model=tood-n.yaml` and `python train.py model=yolov8n.yaml`; skipped with a note if not trained.
 - bccd val (87 images, imgsz 256), untrained, for timing only (mAP ~0): yolo11n-tood against yolo11n and tood-r50
   against yolov8s (the twins of benchmarks/latency.py). An untrained TOOD model is post-processing's worst case: every
   score passes conf=0.001. Ultralytics' untrained Detect has few scores above it, so its time is a floor.
