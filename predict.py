@@ -1,7 +1,7 @@
 """Run a TOOD model on images, folders, globs, videos, webcams or streams: `python predict.py key=value ...`.
 
 Takes the same arguments as `yolo predict` (https://docs.ultralytics.com/modes/predict/). Defaults: the newest
-weights that `python train.py` produced (else the untrained cfg/tood-n.yaml, with a warning) and the sample images
+weights that `python train.py` produced (else the untrained product model, with a warning) and the sample images
 that ship with Ultralytics. Results are consumed as a stream, so long videos do not accumulate in memory.
 """
 
@@ -21,12 +21,13 @@ ROOT = Path(__file__).resolve().parent
 
 
 def default_model() -> str:
-    """The most recent best.pt under runs/ (from `python train.py`), else the untrained tood-n config."""
+    """The most recent best.pt under runs/ (from `python train.py`), else the untrained product model's config."""
     weights = sorted(ROOT.glob("runs/*/weights/best.pt"), key=lambda p: p.stat().st_mtime)
     if weights:
         return str(weights[-1])
-    LOGGER.warning("No trained weights under runs/ (run `python train.py` first): predicting with untrained tood-n")
-    return str(ROOT / "cfg" / "tood-n.yaml")
+    LOGGER.warning("No trained weights under runs/ (run `python train.py` first): predicting with an untrained "
+                   "yolo11n-tood-bn")
+    return str(ROOT / "cfg" / "yolo11n-tood-bn.yaml")
 
 
 def main(argv: list[str]) -> None:
