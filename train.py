@@ -3,7 +3,7 @@
 Without `data=` it runs the product's main job: it generates a synthetic detection set (datasets/synthetic, no
 download), trains cfg/tood-n.yaml on it on the CPU with the settings of MAIN_JOB below, validates, and prints mAP50,
 mAP50-95 and where the weights are; other arguments override those settings. With `data=` it is `yolo train` (model
-default cfg/tood-n.yaml): the model's recipe (tood_yolo.engine.recipe) applies to whatever is not given.
+default cfg/tood-n.yaml): the model's recipe (tood_yolo.utils.recipe) applies to whatever is not given.
 """
 
 from __future__ import annotations

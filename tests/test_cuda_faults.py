@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from tood_yolo.engine.loss import TOODLoss
+from tood_yolo.utils.loss import TOODLoss
 
 from test_loss import _batch, _Model
 

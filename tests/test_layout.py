@@ -17,7 +17,7 @@ from ultralytics.utils.loss import v8DetectionLoss
 
 from tood_yolo import TOOD, TOODDetectionModel
 from tood_yolo.data.synthetic import make_synthetic_dataset
-from tood_yolo.engine.loss import TOODLoss
+from tood_yolo.utils.loss import TOODLoss
 from tood_yolo.engine.trainer import TOODTrainer
 from tood_yolo.engine.validator import TOODDetectionValidator
 

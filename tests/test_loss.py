@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from tood_yolo.engine.assigners import ATSSAssigner, TALAssigner
-from tood_yolo.engine.loss import TOODLoss, centerness_target, focal_loss_with_prob, giou_loss, quality_focal_loss
-from tood_yolo.engine.recipe import INITIAL_EPOCH
+from tood_yolo.utils.assigners import ATSSAssigner, TALAssigner
+from tood_yolo.utils.loss import TOODLoss, centerness_target, focal_loss_with_prob, giou_loss, quality_focal_loss
+from tood_yolo.utils.recipe import INITIAL_EPOCH
 from tood_yolo.nn.head import TOODHead
 
 torch.manual_seed(0)

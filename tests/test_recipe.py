@@ -11,9 +11,9 @@ from ultralytics import YOLO
 from ultralytics.utils.tal import dist2bbox, make_anchors
 
 from tood_yolo import TOODDetectionModel
-from tood_yolo.engine import recipe as recipes
+from tood_yolo.utils import recipe as recipes
 from tood_yolo.data.synthetic import make_synthetic_dataset
-from tood_yolo.engine.loss import THeadV8Loss, TOODLoss
+from tood_yolo.utils.loss import THeadV8Loss, TOODLoss
 from tood_yolo.engine.trainer import TOODTrainer
 
 from test_loss import BATCH, _inputs, _Model  # tests/ is on sys.path (pytest's rootdir conftest)

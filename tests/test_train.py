@@ -14,7 +14,7 @@ import torch
 from ultralytics import YOLO
 
 from tood_yolo.data.synthetic import make_synthetic_dataset
-from tood_yolo.engine.recipe import RECIPES
+from tood_yolo.utils.recipe import RECIPES
 from tood_yolo.engine.trainer import TOODTrainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""`TOODTrainer`: Ultralytics' DetectionTrainer with TOOD's recipes (`tood_yolo.engine.recipe`) and the loss
+"""`TOODTrainer`: Ultralytics' DetectionTrainer with TOOD's recipes (`tood_yolo.utils.recipe`) and the loss
 epoch wired in."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..nn.model import TOODDetectionModel
-from .loss import TOODLoss
-from .recipe import RECIPES, LossScale, check_recipe, model_yaml_of, recipe_of
+from ..utils.loss import TOODLoss
+from ..utils.recipe import RECIPES, LossScale, check_recipe, model_yaml_of, recipe_of
 from .validator import TOODDetectionValidator
 
 WARMUP_ITERS = 500  # mmdet LinearLR over the first 500 iterations
@@ -83,7 +83,7 @@ class TOODTrainer(DetectionTrainer):
     """Train TOOD models through Ultralytics' trainer with one of TOOD's recipes.
 
     The recipe is the `recipe=` argument, else the model YAML's `recipe:`, else `mmdet` for ResNet backbones and
-    `ultralytics` otherwise (`tood_yolo.engine.recipe`). Every Ultralytics argument overrides the recipe's values.
+    `ultralytics` otherwise (`tood_yolo.utils.recipe`). Every Ultralytics argument overrides the recipe's values.
 
     `mmdet` (the reference's 1x recipe): SGD lr 0.01 without Nesterov, momentum 0.9, weight decay 1e-4 on every
     parameter, linear warm-up over 500 iterations (while `warmup_epochs` keeps its default), lr steps x0.1 at 8/12 and

@@ -22,6 +22,7 @@ from ultralytics.nn.modules import Detect
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights, scale_img
 
+from ..utils.loss import THeadV8Loss, TOODLoss
 from .backbone import ResNet
 from .configs import find_config
 from .head import TOODHead
@@ -213,8 +214,6 @@ class TOODDetectionModel(tasks.DetectionModel):
 
     def init_criterion(self):
         """The loss the YAML names (`loss: tood` / `loss: v8`), else TOOD's for a T-head and Ultralytics' otherwise."""
-        from ..engine.loss import THeadV8Loss, TOODLoss
-
         thead = isinstance(self.model[-1], TOODHead)
         loss = self.yaml.get("loss", "tood" if thead else "v8")
         if loss not in LOSSES:

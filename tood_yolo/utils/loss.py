@@ -1,7 +1,7 @@
 """TOOD's training loss: Task Alignment Learning, with ATSS warm-up epochs, as mmdetection's TOODHead.
 
 Written by hand because Ultralytics' `v8DetectionLoss` differs in every part that matters here: BCE instead
-of quality focal loss, CIoU + DFL instead of GIoU x 2, another assigner (`tood_yolo.engine.assigners`), no warm-up.
+of quality focal loss, CIoU + DFL instead of GIoU x 2, another assigner (`tood_yolo.utils.assigners`), no warm-up.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from ultralytics.utils.loss import DFLoss, v8DetectionLoss
 from ultralytics.utils.tal import make_anchors
 
-from ..nn.head import TOODHead
 from .assigners import ATSSAssigner, TALAssigner
 from .recipe import ATSSWarmup, LossScale, arg, check_recipe, recipe_of
 
@@ -95,7 +94,7 @@ class TOODLoss:
     label and t_hat-weighted GIoU, both / max(sum of t_hat, 1). A T-head with DFL distances (`reg="dfl"`) adds
     Ultralytics' DFL term on its aligned distributions, weighted and normalised as the GIoU term (not the reference's:
     its head has no distributions). DDP training steps all-reduce the factors. The recipe
-    (`tood_yolo.engine.recipe`) decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=`
+    (`tood_yolo.utils.recipe`) decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=`
     gains, calibrated, under ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up
     come from the trainer's arguments, which Ultralytics attaches to the model as `model.args`, else from the model
     YAML. Set `epoch` (a plain int) at every epoch start; `TOODTrainer` does.
@@ -121,7 +120,7 @@ class TOODLoss:
         self.device = next(model.parameters()).device
         self.nc, self.stride = head.nc, head.stride
         self.anchor_offset = getattr(head, "anchor_offset", 0.5)  # Detect's anchor points sit at cell centres
-        self.detect_head = not isinstance(head, TOODHead)  # distances and logits to decode (the ablation's Detect)
+        self.detect_head = not getattr(head, "decoded", False)  # distances and logits to decode (the ablation's Detect)
         self.use_dfl = head.reg_max > 1  # what `bbox_decode` (v8's) reads
         self.proj = torch.arange(head.reg_max, dtype=torch.float, device=self.device)
         self.dfl_loss = DFLoss(head.dfl.c1) if getattr(head, "reg", "ltrb") == "dfl" else None
