@@ -29,7 +29,7 @@ from pathlib import Path
 import tood_yolo_hook
 
 from .data import offline
-from .nn.configs import YAML_SUFFIXES, find_config, unknown_config_message
+from .nn.configs import YAML_SUFFIXES, find_config, read_config, unknown_config_message
 from .nn.model import is_tood
 
 _done: set[str] = set()  # the parts of the registration already applied
@@ -39,10 +39,8 @@ def _is_tood_yaml(model) -> bool:
     """Whether `model` is the path of a model YAML that is TOOD's (`is_tood`)."""
     if not isinstance(model, (str, Path)) or Path(model).suffix.lower() not in YAML_SUFFIXES:
         return False
-    from ultralytics.nn.tasks import yaml_model_load
-
     try:
-        return is_tood(yaml_model_load(model))
+        return is_tood(read_config(model))
     except FileNotFoundError:
         if Path(model).name == str(model):  # a bare name that Ultralytics does not know either
             raise FileNotFoundError(unknown_config_message(model)) from None
