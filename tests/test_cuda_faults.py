@@ -197,8 +197,8 @@ def test_tood_amp_check_uses_the_model_itself_and_downloads_nothing(monkeypatch)
 
     from tood_yolo import TOODDetectionModel
     from tood_yolo.engine import amp
+    from tood_yolo.engine.amp import check_amp_replaced
     from tood_yolo.engine.trainer import TOODTrainer
-    from tood_yolo.register import check_amp_replaced
 
     def no_network(*args, **kwargs):
         raise AssertionError("the AMP check tried to download or load another model")

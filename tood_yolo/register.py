@@ -16,14 +16,14 @@ supported extension point can do its job.
 3. With YOLO_OFFLINE=1, no weights, datasets, fonts or HEIF plug-ins are fetched (`tood_yolo.data.offline`).
 4. Bad label rows, a missing labels folder and damaged video frames are handled clearly (`tood_yolo.data.inputs`).
 
-`check_amp_replaced()` is the one replacement that is temporary: `TOODTrainer` applies it for its set-up only.
+One replacement lives below, beside what it replaces for: Ultralytics' AMP check, swapped for TOOD's during
+`TOODTrainer`'s set-up only (`tood_yolo.engine.amp.check_amp_replaced`).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import tood_yolo_hook
@@ -104,23 +104,6 @@ def _check_inputs() -> None:
     dataset.verify_image_label = inputs.verify_labels(dataset.verify_image_label)
     dataset.YOLODataset.get_label_files = inputs.get_label_files(dataset.YOLODataset.get_label_files)
     build.LoadImagesAndVideos = skipping_loader_class()
-
-
-@contextmanager
-def check_amp_replaced():
-    """Within this block Ultralytics' trainer runs TOOD's AMP check (`tood_yolo.engine.amp.check_amp`) instead of its
-    own, which downloads yolo26n.pt and judges AMP on that model. `BaseTrainer._setup_train` calls `check_amp` as a
-    module global in the middle of its set-up (between the model and the DDP broadcast of the result)."""
-    from ultralytics.engine import trainer
-
-    from .engine.amp import check_amp
-
-    original = trainer.check_amp
-    trainer.check_amp = check_amp
-    try:
-        yield
-    finally:
-        trainer.check_amp = original
 
 
 def register() -> None:

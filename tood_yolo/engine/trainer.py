@@ -17,6 +17,7 @@ from ..nn.configs import YAML_SUFFIXES, read_config
 from ..nn.model import TOODDetectionModel
 from ..utils.loss import TOODLoss
 from ..utils.recipe import RECIPES, Recipe, arg, recipe_arguments
+from .amp import check_amp_replaced
 from .validator import TOODDetectionValidator
 
 
@@ -142,10 +143,8 @@ class TOODTrainer(DetectionTrainer):
         return model
 
     def _setup_train(self) -> None:
-        """Ultralytics' set-up with TOOD's AMP check on the model itself (`tood_yolo.engine.amp`): no
-        yolo26n.pt download."""
-        from ..register import check_amp_replaced  # the module that replaces Ultralytics' names, and imports this one
-
+        """Ultralytics' set-up with TOOD's AMP check on the model itself (`check_amp_replaced`): no yolo26n.pt
+        download."""
         with check_amp_replaced():
             super()._setup_train()
 
