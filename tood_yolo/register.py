@@ -14,7 +14,8 @@ supported extension point can do its job.
    checkpoints, resume, DDP workers and the tuner's child processes. The start-up hook adds them as soon as
    `ultralytics.utils` loads, in every process; this call covers a package imported without the hook installed.
 3. With YOLO_OFFLINE=1, no weights, datasets, fonts or HEIF plug-ins are fetched (`tood_yolo.data.offline`).
-4. Bad label rows, a missing labels folder and damaged video frames are handled clearly (`tood_yolo.data.inputs`).
+4. Bad label rows and a missing labels folder are handled clearly (`tood_yolo.data.inputs`), and damaged video frames
+   skipped and logged (`tood_yolo.data.video`).
 
 One replacement lives below, beside what it replaces for: Ultralytics' AMP check, swapped for TOOD's during
 `TOODTrainer`'s set-up only (`tood_yolo.engine.amp.check_amp_replaced`).
@@ -98,12 +99,11 @@ def _check_inputs() -> None:
     """
     from ultralytics.data import build, dataset
 
-    from .data import inputs
-    from .tools.deploy import skipping_loader_class
+    from .data import inputs, video
 
     dataset.verify_image_label = inputs.verify_labels(dataset.verify_image_label)
     dataset.YOLODataset.get_label_files = inputs.get_label_files(dataset.YOLODataset.get_label_files)
-    build.LoadImagesAndVideos = skipping_loader_class()
+    build.LoadImagesAndVideos = video.SkippingLoader
 
 
 def register() -> None:

@@ -1,4 +1,4 @@
-"""Bad inputs that Ultralytics reads without saying what is wrong: label rows, a missing labels folder, video frames.
+"""Bad inputs that Ultralytics reads without saying what is wrong: label rows and a missing labels folder.
 
 `tood_yolo.register` puts these in place of Ultralytics' own:
 
@@ -8,9 +8,9 @@
   line and the fault first, then defers to Ultralytics' own checks;
 - no labels folder: Ultralytics scans, finds nothing and fails on a `.cache` file that was never written.
   `get_label_files` wraps `YOLODataset.get_label_files`, which then says "no labels folder at ..." (an error for a
-  training set, a warning for validation, as Ultralytics treats unlabelled validation sets);
-- damaged video frames: `yolo predict` ends a video at the first frame FFmpeg cannot decode. Its loader becomes
-  `tood_yolo.tools.deploy.skipping_loader_class()`, which skips and logs such frames, as `predict.py` does.
+  training set, a warning for validation, as Ultralytics treats unlabelled validation sets).
+
+Damaged video frames have their own module, `tood_yolo.data.video`.
 """
 
 from __future__ import annotations
