@@ -16,15 +16,12 @@ What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_js
 `TOODDetectionValidator` is that validator with `coco_evaluate` done by pycocotools (the official implementation):
 the 12-number AP/AR table is printed after Ultralytics' own metrics, and the stats get the same keys faster-coco-eval
 would have filled (`metrics/mAP_small(B)` etc.; on COCO/LVIS also mAP50, mAP50-95 and fitness).
-`python -m tood_yolo.tools.coco` scores a saved predictions.json against any COCO annotation file.
+The COCO json helpers (reading, pycocotools scoring) are `tood_yolo.utils.coco`'s; `python -m tood_yolo.tools.coco`
+scores a saved predictions.json against any COCO annotation file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -33,88 +30,12 @@ import torch
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER, nms
 
-COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def read_json(path: str | Path) -> Any:
-    """The contents of a JSON file; a missing, truncated or damaged file is an error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON (truncated or damaged?): {e}") from e
+from ..utils.coco import coco_eval, load_gt
 
 
 def _short(names: list[str], n: int = 8) -> str:
     """`names` for a message: all of them, or the first `n` and the count."""
     return f"{names}" if len(names) <= n else f"{names[:n]}... ({len(names)} names)"
-
-
-def _quiet(fn, *args, **kwargs):
-    """Call a pycocotools function with its progress prints captured; returns (result, captured text)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        out = fn(*args, **kwargs)
-    return out, buf.getvalue()
-
-
-def load_gt(annotations: str | Path | dict):
-    """A pycocotools COCO object from an annotation file or an in-memory COCO dict (copied)."""
-    from pycocotools.coco import COCO
-
-    gt = COCO()
-    if isinstance(annotations, dict):
-        gt.dataset = copy.deepcopy(annotations)
-    else:
-        gt.dataset = read_json(annotations)
-    gt.dataset.setdefault("images", [])
-    gt.dataset.setdefault("annotations", [])
-    gt.dataset.setdefault("categories", [])
-    _quiet(gt.createIndex)
-    return gt
-
-
-def coco_eval(
-    predictions: str | Path | list[dict],
-    annotations: str | Path | dict | Any,
-    img_ids: list | None = None,
-    iou_type: str = "bbox",
-    print_fn: Any = LOGGER.info,
-) -> dict[str, float]:
-    """Score COCO-format detections with pycocotools and return COCO's 12 statistics by name (`COCO_STATS`).
-
-    Args:
-        predictions (str | Path | list[dict]): Results json or list of {image_id, category_id, bbox (ltwh), score}
-            (not modified).
-        annotations (str | Path | dict | pycocotools.coco.COCO): Ground truth.
-        img_ids (list, optional): Images to evaluate; default every image of the ground truth.
-        iou_type (str): "bbox" (or "segm"/"keypoints" with matching inputs).
-        print_fn (callable, optional): Where pycocotools' AP/AR table goes (LOGGER.info; None: nowhere).
-
-    Returns:
-        (dict[str, float]): AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl (-1 where pycocotools has no
-            ground truth for an area range); all 0 without predictions.
-    """
-    from pycocotools.cocoeval import COCOeval
-
-    gt = annotations if hasattr(annotations, "loadRes") else load_gt(annotations)
-    dets = read_json(predictions) if isinstance(predictions, (str, Path)) else predictions
-    if not dets:
-        if print_fn:
-            print_fn("pycocotools: no detections, every COCO statistic is 0")
-        return dict.fromkeys(COCO_STATS, 0.0)
-    dt, _ = _quiet(gt.loadRes, copy.deepcopy(list(dets)))  # loadRes adds area/id/segmentation to what it gets
-    ev = COCOeval(gt, dt, iou_type)
-    if img_ids is not None:
-        ev.params.imgIds = list(img_ids)
-    _quiet(ev.evaluate)
-    _quiet(ev.accumulate)
-    _, table = _quiet(ev.summarize)
-    if print_fn:
-        print_fn(f"pycocotools COCO {iou_type} evaluation:\n{table.rstrip()}")
-    return {k: float(v) for k, v in zip(COCO_STATS, ev.stats)}
 
 
 class TOODDetectionValidator(DetectionValidator):
