@@ -230,39 +230,20 @@ def test_shared_video_with_stride_logs_its_frame_rate(model, shared_data):
     assert any(re.fullmatch(r"done: 5 frame\(s\) in [\d.]+ s, [\d.]+ frames/s", m) for m in logged), logged
 
 
-def corrupt_video(path: Path) -> tuple[Path, tuple]:
-    """A 10-frame MJPG AVI of a moving box whose 6th frame FFmpeg cannot decode, and the boxes of the frames."""
+def test_corrupt_frame_is_skipped_and_logged(model, tmp_path):
     frames, boxes = zip(*(moving(i) for i in range(10)))
-    video = write_video(path, list(frames))
+    video = write_video(tmp_path / "corrupt.avi", list(frames))
     data = bytearray(video.read_bytes())
     soi = [m.start() for m in re.finditer(b"\xff\xd8\xff", bytes(data))]
     assert len(soi) == 10  # one JPEG per frame
     data[soi[5] : soi[5] + 600] = bytes(600)  # frame 6 is no JPEG any more: FFmpeg cannot decode it
     video.write_bytes(data)
-    return video, boxes
 
-
-def test_corrupt_frame_is_skipped_and_logged(model, tmp_path):
-    video, boxes = corrupt_video(tmp_path / "corrupt.avi")
     with ultralytics_log(logging.WARNING) as logged:
         results = list(deploy.run(model, str(video), imgsz=IMGSZ, verbose=False))
     assert len(results) == 9  # Ultralytics alone stops at the bad frame and returns 5
     assert any("Video Frame Read Error" in m and "frame 6 of 10" in m for m in logged), logged
     assert found(results[-1], boxes[-1])  # the frames after the bad one are processed
-
-
-def test_plain_predict_skips_a_corrupt_frame_too(model, tmp_path):
-    """`yolo predict` without `prepare_source`: the registration made `tood_yolo.data.video`'s loader Ultralytics'."""
-    from ultralytics.data import build
-
-    from tood_yolo.data.video import SkippingLoader
-
-    assert build.LoadImagesAndVideos is SkippingLoader
-    video, _ = corrupt_video(tmp_path / "corrupt.avi")
-    with ultralytics_log(logging.WARNING) as logged:
-        results = list(model.predict(str(video), imgsz=IMGSZ, stream=True, verbose=False))
-    assert len(results) == 9  # Ultralytics' own loader stops at the bad frame and returns 5
-    assert any("Video Frame Read Error" in m and "frame 6 of 10" in m for m in logged), logged
 
 
 class MJPEGHandler(BaseHTTPRequestHandler):
