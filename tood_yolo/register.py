@@ -14,8 +14,8 @@ supported extension point can do its job.
    checkpoints, resume, DDP workers and the tuner's child processes. The start-up hook adds them as soon as
    `ultralytics.utils` loads, in every process; this call covers a package imported without the hook installed.
 3. With YOLO_OFFLINE=1, no weights, datasets, fonts or HEIF plug-ins are fetched (`tood_yolo.data.offline`).
-4. Bad label rows and a missing labels folder are handled clearly (`tood_yolo.data.inputs`), and damaged video frames
-   skipped and logged (`tood_yolo.data.video`).
+4. Damaged video frames are skipped and logged (`tood_yolo.data.video`). (Bad label rows and a missing labels folder
+   need no replacement: TOOD's trainer and validator build `tood_yolo.data.dataset.TOODDataset`.)
 
 One replacement lives below, beside what it replaces for: Ultralytics' AMP check, swapped for TOOD's during
 `TOODTrainer`'s set-up only (`tood_yolo.engine.amp.check_amp_replaced`).
@@ -90,19 +90,15 @@ def _guard_offline() -> None:
         module.check_det_dataset = check_local_dataset
 
 
-def _check_inputs() -> None:
-    """Ultralytics' label verification, label-file look-up and predict loader with the checks of
-    `tood_yolo.data.inputs`.
+def _skip_damaged_video_frames() -> None:
+    """Ultralytics' predict loader with `tood_yolo.data.video`'s, which skips (and logs) undecodable video frames.
 
-    `verify_image_label` is read as a module global by `YOLODataset.cache_labels`, the loader class by
-    `load_inference_source`, by name: neither takes a class or a function as an argument.
+    The loader class is read as a module global by `load_inference_source`, by name: no argument takes another class.
     """
-    from ultralytics.data import build, dataset
+    from ultralytics.data import build
 
-    from .data import inputs, video
+    from .data import video
 
-    dataset.verify_image_label = inputs.verify_labels(dataset.verify_image_label)
-    dataset.YOLODataset.get_label_files = inputs.get_label_files(dataset.YOLODataset.get_label_files)
     build.LoadImagesAndVideos = video.SkippingLoader
 
 
@@ -123,4 +119,4 @@ def register() -> None:
     if "yolo" not in _done and yolo is not None:
         _done.add("yolo")
         yolo.__init__ = _route_tood_models(yolo.__init__)
-        _check_inputs()  # imports Ultralytics' data modules: only once Ultralytics has loaded them
+        _skip_damaged_video_frames()  # imports Ultralytics' data modules: only once Ultralytics has loaded them

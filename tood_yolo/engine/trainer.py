@@ -13,6 +13,7 @@ from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ..data.dataset import TOODDataset, build_tood_dataset
 from ..nn.configs import YAML_SUFFIXES, read_config
 from ..nn.model import TOODDetectionModel
 from ..utils.loss import TOODLoss
@@ -141,6 +142,12 @@ class TOODTrainer(DetectionTrainer):
         if weights:
             model.load(weights)
         return model
+
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> TOODDataset:
+        """`DetectionTrainer.build_dataset` with TOOD's dataset class, which names bad label rows and a missing labels
+        folder (`tood_yolo.data.dataset`)."""
+        gs = max(int(unwrap_model(self.model).stride.max()), 32)
+        return build_tood_dataset(self.args, img_path, batch, self.data, mode=mode, rect=mode == "val", stride=gs)
 
     def _setup_train(self) -> None:
         """Ultralytics' set-up with TOOD's AMP check on the model itself (`check_amp_replaced`): no yolo26n.pt

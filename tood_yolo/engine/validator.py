@@ -1,5 +1,6 @@
 """`TOODDetectionValidator`: Ultralytics' detection validator with NMS free of its time limit, a class-name check,
-and COCO's official box AP table (pycocotools) for `save_json=True`, offline.
+TOOD's dataset class (`tood_yolo.data.dataset`), and COCO's official box AP table (pycocotools) for `save_json=True`,
+offline.
 
 What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_json` / `coco_evaluate`):
 
@@ -27,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER, nms
 
+from ..data.dataset import TOODDataset, build_tood_dataset
 from ..utils.coco import coco_eval, load_gt
 
 
@@ -39,12 +42,20 @@ def _short(names: list[str], n: int = 8) -> str:
 
 
 class TOODDetectionValidator(DetectionValidator):
-    """Ultralytics' DetectionValidator whose `save_json=True` COCO evaluation runs pycocotools (offline), and whose NMS
-    has no time limit.
+    """Ultralytics' DetectionValidator whose `save_json=True` COCO evaluation runs pycocotools (offline), whose NMS
+    has no time limit, and whose dataset is TOOD's (`build_dataset`).
 
     Same inputs as Ultralytics' faster-coco-eval path (COCO/LVIS annotation file, or the ground truth built from the
     labels for other sets), same stats keys; everything else is Ultralytics' validator unchanged.
     """
+
+    def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None) -> TOODDataset:
+        """`DetectionValidator.build_dataset` with TOOD's dataset class, which names bad label rows and a missing
+        labels folder (`tood_yolo.data.dataset`)."""
+        fraction = get_split_fraction(self.args.fraction, self.args.split or "val")
+        return build_tood_dataset(
+            self.args, img_path, batch, self.data, mode=mode, stride=self.stride, fraction=fraction
+        )
 
     def init_metrics(self, model) -> None:
         """Ultralytics' metrics set-up, and a warning when the model's class names are not the dataset's: the
