@@ -248,16 +248,6 @@ def recipe_of(model_yaml: dict) -> str:
     return "mmdet" if any(row[2] == "ResNet" for row in model_yaml.get("backbone", ())) else "ultralytics"
 
 
-def recipe_arguments(args, model_yaml: dict) -> dict[str, Any]:
-    """The run's `recipe=` and `initial_epoch=` (the asked warm-up, before any cut): as given in `args`, else as the
-    model YAML says, else the recipe's defaults. With both in its arguments a run, its DDP workers and its resume need
-    the model YAML no more."""
-    name = check_recipe(arg(args, "recipe") or recipe_of(model_yaml))
-    n = arg(args, "initial_epoch")
-    return {"recipe": name, "initial_epoch": model_yaml.get("initial_epoch", RECIPES[name].initial_epoch) if n is None
-            else n}
-
-
 @dataclass(frozen=True)
 class Recipe:
     """A run's recipe, worked out once (`of`) from the `recipe=` argument, the model YAML and the recipe's defaults.
@@ -329,3 +319,10 @@ class Recipe:
                 group["weight_decay"] = decay
                 if "nesterov" in group:
                     group["nesterov"] = False
+
+
+def recipe_arguments(args, model_yaml: dict) -> dict[str, Any]:
+    """The run's `recipe=` and `initial_epoch=` (the asked warm-up, before any cut) as `Recipe.of` works them out. With
+    both in its arguments a run, its DDP workers and its resume need the model YAML no more."""
+    recipe = Recipe.of(args, model_yaml)
+    return {"recipe": recipe.name, "initial_epoch": recipe.warmup.asked}
