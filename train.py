@@ -3,8 +3,8 @@
 Without `data=` it runs the product's main job: it generates a synthetic detection set (datasets/synthetic, no
 download), trains the product's model (cfg/yolo11n-tood-bn.yaml) on it on the CPU with the settings of MAIN_JOB below,
 validates, and prints mAP50, mAP50-95 and where the weights are (runs/<model>-synthetic); other arguments override
-those settings. With `data=` it is `yolo train` (same default model): the model's recipe applies to whatever is not
-given.
+those settings. With `data=` it is `yolo train` (same default model): the model's recipe (tood_yolo.utils.recipe)
+applies to whatever is not given.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def run_one(dataset: str, data: Path, name: str, seed: int, args: dict, project:
     t0 = time.perf_counter()
     trained = YOLO(str(tr.last))
     result = evaluate(trained, data, split, args)
-    warmup = getattr(criterion, "atss_warmup", None)  # TOOD's loss only
+    warmup = criterion.recipe.warmup if hasattr(criterion, "recipe") else None  # TOOD's loss only
     return {
         "dataset": dataset, "model": name, "head_loss": MODELS[name][2], "seed": seed, "trainer": trainer,
         "loss": type(criterion).__name__, "initial_epoch": warmup.epochs if warmup else None,

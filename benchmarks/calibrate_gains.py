@@ -34,7 +34,7 @@ from ultralytics.nn.tasks import yaml_model_load  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tood_yolo import TOODDetectionModel  # noqa: E402  (importing the package registers TOOD)
-from tood_yolo.engine.recipe import ULTRALYTICS_GAIN  # noqa: E402
+from tood_yolo.utils.recipe import ULTRALYTICS_GAIN  # noqa: E402
 
 # (T-head model, its Detect twin, number of shared leading rows)
 PAIRS = {"tood-n": ("cfg/tood-n.yaml", "cfg/ablation-detect-n.yaml", 11)}

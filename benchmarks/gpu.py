@@ -90,7 +90,7 @@ def train_rate(model: DetectionModel, batch: dict, amp: bool, steps: int, warmup
     device = batch["img"].device
     model.train()
     model.criterion = model.init_criterion()
-    model.criterion.epoch = model.criterion.atss_warmup.epochs  # task alignment learning: most of a run
+    model.criterion.epoch = model.criterion.recipe.warmup.epochs  # task alignment learning: most of a run
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     if device.type == "cuda":

@@ -15,8 +15,26 @@ os.environ.setdefault("YOLO_VERBOSE", "false")
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+# Where a test that forgot tmp_path leaves files: the working directory (the exporter writes a YAML-built model's file
+# there, `predict` its runs/) and the folders beside the configs and tests. Pytest's and Python's own caches aside.
+WATCHED = (ROOT, ROOT / "cfg", ROOT / "tests")
+NOT_WRITTEN_BY_TESTS = {".pytest_cache", "__pycache__"}
 NETGUARD = Path(__file__).resolve().parent / "netguard"  # sitecustomize.py: the network guard for subprocesses
+
+
+def _repository_entries() -> set[Path]:
+    return {p for d in WATCHED if d.is_dir() for p in d.iterdir() if p.name not in NOT_WRITTEN_BY_TESTS}
+
+
+@pytest.fixture(autouse=True)
+def writes_only_under_tmp():
+    """Each test writes under a temp dir only: a file or folder it adds to the repository is an error naming it."""
+    before = _repository_entries()
+    yield
+    if added := sorted(str(p.relative_to(ROOT)) for p in _repository_entries() - before):
+        pytest.fail(f"the test wrote into the repository (use tmp_path): {', '.join(added)}")
 
 
 @pytest.fixture(scope="session")

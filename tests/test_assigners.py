@@ -1,4 +1,4 @@
-"""Tests of tood_yolo.engine.assigners: hand-worked cases and a literal per-image port of mmdetection 3.3.0
+"""Tests of tood_yolo.utils.assigners: hand-worked cases and a literal per-image port of mmdetection 3.3.0
 as reference."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tood_yolo.engine.assigners import Assignment, ATSSAssigner, TALAssigner
+from tood_yolo.utils.assigners import Assignment, ATSSAssigner, TALAssigner
 
 NC = 4  # classes in the random batches
 INF = 100000000  # mmdet's sentinel in the overlaps trick

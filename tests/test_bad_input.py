@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -138,19 +139,26 @@ def test_train_py_resume_true_with_a_yaml_model(interrupted_run, offline_env, tm
 
 
 # --- messages ------------------------------------------------------------------------------------------------------
-def test_unreadable_images_and_bad_label_rows_are_named(coco8, tmp_path):
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
-
+def bad_rows_set(coco8: Path, tmp_path: Path) -> tuple[Path, list[Path], list[Path]]:
+    """A copy of coco8 whose first two training images are unreadable and whose labels 3 and 4 have bad rows."""
     root = shutil.copytree(coco8.parent, tmp_path / "set")
     images, labels = sorted((root / "images" / "train").glob("*.jpg")), sorted((root / "labels" / "train").glob("*"))
     images[0].write_bytes(b"")  # zero bytes
     images[1].write_text("not an image")
     labels[2].write_text("45 0.5 0.5 0.2 0.2\n45 0.5 0.5 0.2\n")  # line 2: four numbers
     labels[3].write_text("45 nan 0.5 0.2 0.2\n")
+    return root, images, labels
+
+
+def test_unreadable_images_and_bad_label_rows_are_named(coco8, tmp_path):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.utils import check_det_dataset
+
+    from tood_yolo.data.dataset import build_tood_dataset
+
+    root, images, labels = bad_rows_set(coco8, tmp_path)
     with pytest.raises(RuntimeError, match="No valid images found") as e:
-        build_yolo_dataset(get_cfg(overrides={"imgsz": IMGSZ}), str(root / "images" / "train"), 4,
+        build_tood_dataset(get_cfg(overrides={"imgsz": IMGSZ}), str(root / "images" / "train"), 4,
                            check_det_dataset(str(root / "data.yaml")), mode="train")
     msg = str(e.value)
     assert f"cannot identify image file '{images[0]}'" in msg and f"cannot identify image file '{images[1]}'" in msg
@@ -159,8 +167,76 @@ def test_unreadable_images_and_bad_label_rows_are_named(coco8, tmp_path):
     assert "pi_heif" not in msg and "inhomogeneous" not in msg
 
 
+def test_ultralytics_datasets_are_left_as_they_are(coco8, tmp_path):
+    """Ultralytics' own `build_yolo_dataset` (any model TOOD does not own) builds its `YOLODataset` with its own
+    messages, the package imported."""
+    import tood_yolo  # noqa: F401  (registered)
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.data.dataset import YOLODataset, verify_image_label
+    from ultralytics.data.utils import check_det_dataset
+
+    from tood_yolo.data.dataset import TOODDataset
+
+    assert verify_image_label.__module__ == "ultralytics.data.utils"
+    assert YOLODataset.get_label_files.__module__ == "ultralytics.data.dataset"
+    root, _, labels = bad_rows_set(coco8, tmp_path)
+    with pytest.raises(RuntimeError, match="No valid images found") as e:
+        build_yolo_dataset(get_cfg(overrides={"imgsz": IMGSZ}), str(root / "images" / "train"), 4,
+                           check_det_dataset(str(root / "data.yaml")), mode="train")
+    assert "inhomogeneous" in str(e.value) and f"{labels[2]} line 2" not in str(e.value)  # Ultralytics' own reason
+    for f in (root / "labels").glob("*.cache"):
+        f.unlink()
+    data = check_det_dataset(str(root / "data.yaml"))
+    assert type(build_yolo_dataset(get_cfg(overrides={"imgsz": IMGSZ}), str(root / "images" / "val"), 4, data,
+                                   mode="val")) is YOLODataset is not TOODDataset
+
+
+@pytest.mark.parametrize("mode, overrides", [("train", {}), ("val", {"rect": True, "fraction": 0.5,
+                                                                     "single_cls": True})])
+def test_tood_dataset_is_built_as_ultralytics_builds_its_own(coco8, mode, overrides):
+    """`build_tood_dataset` gives the dataset `build_yolo_dataset` gives, attribute for attribute, in TOOD's class."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    from tood_yolo.data.dataset import TOODDataset, build_tood_dataset
+
+    cfg, data = get_cfg(overrides={"imgsz": IMGSZ, **overrides}), check_det_dataset(str(coco8))
+    split = str(Path(data[mode]))
+    ours, theirs = (build(cfg, split, 4, data, mode=mode, stride=64) for build in (build_tood_dataset,
+                                                                                   build_yolo_dataset))
+    assert type(ours) is TOODDataset and type(theirs).__name__ == "YOLODataset"
+    keys = ("imgsz", "augment", "rect", "pad", "stride", "single_cls", "prefix", "im_files", "batch_shapes", "ni")
+
+    def settings(ds) -> dict:
+        values = {k: getattr(ds, k, None) for k in keys}
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in values.items()}
+
+    def augmentations(ds) -> str:
+        return re.sub(" at 0x[0-9a-f]+", "", repr(ds.transforms))  # object addresses aside
+
+    assert settings(ours) == settings(theirs)
+    assert [lb["cls"].tolist() for lb in ours.labels] == [lb["cls"].tolist() for lb in theirs.labels]
+    assert augmentations(ours) == augmentations(theirs)
+
+
+def test_tood_trainer_and_validator_build_tood_datasets(coco8, tmp_path):
+    from tood_yolo.data.dataset import TOODDataset
+    from tood_yolo.engine.trainer import TOODTrainer
+    from tood_yolo.nn.model import TOODDetectionModel
+
+    trainer = TOODTrainer(overrides={"model": TOOD_N, "data": str(coco8), "project": str(tmp_path), **FAST})
+    trainer.model = TOODDetectionModel(TOOD_N, verbose=False)
+    assert type(trainer.build_dataset(trainer.data["train"], mode="train", batch=4)) is TOODDataset
+    validator = trainer.get_validator.__func__(SimpleNamespace(test_loader=None, save_dir=tmp_path, args=trainer.args,
+                                                               callbacks=trainer.callbacks))
+    validator.data, validator.stride = trainer.data, 32
+    assert type(validator.build_dataset(trainer.data["val"])) is TOODDataset
+
+
 def test_label_rows_that_ultralytics_reads_pass_the_row_check(tmp_path):
-    from tood_yolo.data.inputs import label_row_error
+    from tood_yolo.data.dataset import label_row_error
 
     rows = {"box": "0 0.5 0.5 0.2 0.2", "polygon": "0 0.1 0.1 0.9 0.1 0.5 0.9", "pose": "0 " + "0.5 " * 55}
     for name, row in rows.items():
@@ -173,15 +249,16 @@ def test_label_rows_that_ultralytics_reads_pass_the_row_check(tmp_path):
 
 def test_missing_labels_folder(coco8, tmp_path):
     from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
+
+    from tood_yolo.data.dataset import build_tood_dataset
 
     root = shutil.copytree(coco8.parent, tmp_path / "set", ignore=shutil.ignore_patterns("labels"))
     data, cfg = check_det_dataset(str(root / "data.yaml")), get_cfg(overrides={"imgsz": IMGSZ})
     with pytest.raises(FileNotFoundError, match=f"no labels folder at {re.escape(str(root / 'labels' / 'train'))}"):
-        build_yolo_dataset(cfg, str(root / "images" / "train"), 4, data, mode="train")
+        build_tood_dataset(cfg, str(root / "images" / "train"), 4, data, mode="train")
     with ultralytics_log(logging.WARNING) as logged:  # an unlabelled validation set only warns, as in Ultralytics
-        build_yolo_dataset(cfg, str(root / "images" / "val"), 4, data, mode="val")
+        build_tood_dataset(cfg, str(root / "images" / "val"), 4, data, mode="val")
     assert any(f"no labels folder at {root / 'labels' / 'val'}" in m for m in logged), logged
 
 

@@ -34,13 +34,13 @@ from tood_yolo.tools.convert import (
     ultralytics_checkpoint,
 )
 from tood_yolo.tools.evaluate import (
-    COCO_STATS,
     evaluate,
     padded_shape,
     postprocess,
     preprocess,
     reference_resize_shape,
 )
+from tood_yolo.utils.coco import COCO_STATS
 
 from test_safe_load import save_mmdet3  # tests/ is on sys.path (pytest's rootdir conftest)
 

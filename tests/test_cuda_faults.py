@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from tood_yolo.engine.loss import TOODLoss
+from tood_yolo.utils.loss import TOODLoss
 
 from test_loss import _batch, _Model
 
@@ -197,8 +197,8 @@ def test_tood_amp_check_uses_the_model_itself_and_downloads_nothing(monkeypatch)
 
     from tood_yolo import TOODDetectionModel
     from tood_yolo.engine import amp
+    from tood_yolo.engine.amp import check_amp_replaced
     from tood_yolo.engine.trainer import TOODTrainer
-    from tood_yolo.register import check_amp_replaced
 
     def no_network(*args, **kwargs):
         raise AssertionError("the AMP check tried to download or load another model")

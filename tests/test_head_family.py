@@ -218,7 +218,7 @@ def test_dfl_offsets_sample_each_sides_distribution_one_cell_away():
 def test_dfl_term_is_the_distribution_focal_loss_from_each_sides_sampling_point():
     """TOODLoss.dfl_term against GFL's DFL written out: -(w_l log p[floor t] + w_r log p[floor t + 1]), t the distance
     from the side's sampling point to the GT side, mean over the four sides."""
-    from tood_yolo.engine.loss import TOODLoss
+    from tood_yolo.utils.loss import TOODLoss
 
     class _Model(nn.Module):
         def __init__(self):

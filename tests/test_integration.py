@@ -84,12 +84,13 @@ def test_yolo_cli_predict_val_export_and_onnx_predict(offline_env, tmp_path, sha
 
 
 @pytest.mark.parametrize("cfg", ["tood-n.yaml", "tood-r50.yaml"])
-def test_onnx_outputs_match_pytorch_with_dynamic_batch_and_size(cfg, tmp_path):
+def test_onnx_outputs_match_pytorch_with_dynamic_batch_and_size(cfg, tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    shutil.copy(ROOT / "cfg" / cfg, tmp_path / cfg)
-    model = YOLO(str(tmp_path / cfg))
+    monkeypatch.chdir(tmp_path)  # the exporter writes a YAML-built model's file into the working directory
+    model = YOLO(str(ROOT / "cfg" / cfg))
     f = model.export(format="onnx", imgsz=256, dynamic=True, simplify=True)
+    assert Path(f).resolve().parent == tmp_path.resolve()
     session = ort.InferenceSession(f, providers=["CPUExecutionProvider"])
     torch_model = model.model.eval()
     for shape in [(1, 3, 256, 256), (2, 3, 384, 256)]:

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import torch
 from ultralytics import YOLO
+from ultralytics.data import dataset
+from ultralytics.data.dataset import YOLODataset
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.nn import tasks
 from ultralytics.utils import nms
 from ultralytics.utils.loss import v8DetectionLoss
 
 from tood_yolo import TOOD, TOODDetectionModel
+from tood_yolo.data.dataset import TOODDataset
 from tood_yolo.data.synthetic import make_synthetic_dataset
-from tood_yolo.engine.loss import TOODLoss
+from tood_yolo.utils.loss import TOODLoss
 from tood_yolo.engine.trainer import TOODTrainer
 from tood_yolo.engine.validator import TOODDetectionValidator
 
@@ -25,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "v0.1" / "tood-tiny.yaml"
 # Ultralytics' own functions, as its modules define them (a wrapper or a partial would not be defined there)
 OWN = {"parse_model": (tasks, "ultralytics.nn.tasks"), "guess_model_task": (tasks, "ultralytics.nn.tasks"),
-       "non_max_suppression": (nms, "ultralytics.utils.nms")}
+       "non_max_suppression": (nms, "ultralytics.utils.nms"),
+       "verify_image_label": (dataset, "ultralytics.data.utils"),
+       "get_label_files": (YOLODataset, "ultralytics.data.dataset")}
 
 
 def _is_ultralytics_own(module, name: str, defined_in: str) -> bool:
@@ -40,7 +45,8 @@ def test_a_yolo_model_trained_beside_a_tood_model_is_ultralytics_own(tmp_path):
     def record(name):
         def on_train_end(trainer):
             model = trainer.model
-            seen[name] = (type(trainer), type(trainer.validator), type(model), type(model.criterion))
+            seen[name] = (type(trainer), type(trainer.validator), type(model), type(model.criterion),
+                          type(trainer.train_loader.dataset), type(trainer.validator.dataloader.dataset))
 
         return on_train_end
 
@@ -54,8 +60,9 @@ def test_a_yolo_model_trained_beside_a_tood_model_is_ultralytics_own(tmp_path):
     yolo.train(**args, name="yolo")
 
     assert type(tood) is TOOD and type(yolo) is YOLO
-    assert seen["tood"] == (TOODTrainer, TOODDetectionValidator, TOODDetectionModel, TOODLoss)
-    assert seen["yolo"] == (DetectionTrainer, DetectionValidator, tasks.DetectionModel, v8DetectionLoss)
+    assert seen["tood"] == (TOODTrainer, TOODDetectionValidator, TOODDetectionModel, TOODLoss, TOODDataset, TOODDataset)
+    assert seen["yolo"] == (DetectionTrainer, DetectionValidator, tasks.DetectionModel, v8DetectionLoss, YOLODataset,
+                            YOLODataset)
     assert tasks.DetectionModel.init_criterion.__qualname__ == "DetectionModel.init_criterion"
     for name, (module, defined_in) in OWN.items():
         assert _is_ultralytics_own(module, name, defined_in), f"{defined_in}.{name} is replaced"

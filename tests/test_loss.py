@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from tood_yolo.engine.assigners import ATSSAssigner, TALAssigner
-from tood_yolo.engine.loss import TOODLoss, centerness_target, focal_loss_with_prob, giou_loss, quality_focal_loss
-from tood_yolo.engine.recipe import INITIAL_EPOCH
+from tood_yolo.utils.assigners import ATSSAssigner, TALAssigner
+from tood_yolo.utils.loss import TOODLoss, centerness_target, focal_loss_with_prob, giou_loss, quality_focal_loss
+from tood_yolo.utils.recipe import RECIPES
 from tood_yolo.nn.head import TOODHead
 
 torch.manual_seed(0)
@@ -290,12 +290,12 @@ def _hand_reference(preds, warmup):
     return loss.sum().item() / max(cls_factor, 1.0), 2.0 * box_sum / max(box_factor, 1.0), num_pos
 
 
-@pytest.mark.parametrize("epoch", [INITIAL_EPOCH["mmdet"] - 1, INITIAL_EPOCH["mmdet"]])
+@pytest.mark.parametrize("epoch", [RECIPES["mmdet"].initial_epoch - 1, RECIPES["mmdet"].initial_epoch])
 def test_loss_on_hand_worked_atss_positives_at_the_switch_to_tal(epoch):
     """The last warm-up epoch and the first TAL epoch on a batch with ATSS positives on P3 and P4."""
     loss_fn = TOODLoss(_Model(nc=HAND_NC, strides=HAND_STRIDES))
     loss_fn.epoch = epoch
-    warmup = epoch < INITIAL_EPOCH["mmdet"]
+    warmup = epoch < RECIPES["mmdet"].initial_epoch
     assert loss_fn.warmup is warmup
     preds, batch = _hand_case()
     total, items = loss_fn(preds, batch)

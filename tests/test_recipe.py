@@ -11,9 +11,9 @@ from ultralytics import YOLO
 from ultralytics.utils.tal import dist2bbox, make_anchors
 
 from tood_yolo import TOODDetectionModel
-from tood_yolo.engine import recipe as recipes
+from tood_yolo.utils import recipe as recipes
 from tood_yolo.data.synthetic import make_synthetic_dataset
-from tood_yolo.engine.loss import THeadV8Loss, TOODLoss
+from tood_yolo.utils.loss import THeadV8Loss, TOODLoss
 from tood_yolo.engine.trainer import TOODTrainer
 
 from test_loss import BATCH, _inputs, _Model  # tests/ is on sys.path (pytest's rootdir conftest)
@@ -132,7 +132,7 @@ def test_warmup_longer_than_the_run_is_cut_so_that_it_ends_in_tal(tiny_data, tmp
     assert phases == [True, False]
     assert any("initial_epoch=5" in w and "cut to 1" in w for w in warnings), warnings
     with pytest.raises(ValueError, match="initial_epoch=-1"):
-        recipes.ATSSWarmup.of({"initial_epoch": -1, "epochs": 3}, {}, "ultralytics")
+        recipes.Recipe.of({"initial_epoch": -1, "epochs": 3}, {"recipe": "ultralytics"})
 
 
 @pytest.mark.parametrize(
@@ -166,7 +166,7 @@ def test_time_budget_replans_the_warmup_so_that_the_run_ends_in_tal(budget_s, ph
 
 
 def test_replanned_warmup_only_moves_while_no_tal_epoch_has_trained():
-    warmup = recipes.ATSSWarmup.of({"epochs": 3}, {}, "ultralytics")  # 4 asked, cut to 2 in a 3-epoch plan
+    warmup = recipes.Recipe.of({"epochs": 3}, {"recipe": "ultralytics"}).warmup  # 4 asked, cut to 2 in a 3-epoch plan
     assert (warmup.epochs, warmup.asked) == (2, 4)
     assert warmup.replanned(epochs=50, epoch=2).epochs == 4  # epochs 0-1 trained ATSS, none TAL yet: lengthened
     assert warmup.replanned(epochs=2, epoch=0).epochs == 1

@@ -14,7 +14,7 @@ import torch
 from ultralytics import YOLO
 
 from tood_yolo.data.synthetic import make_synthetic_dataset
-from tood_yolo.engine.recipe import RECIPES
+from tood_yolo.utils.recipe import RECIPES
 from tood_yolo.engine.trainer import TOODTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_recipe_defaults_and_user_overrides(tiny_data, tmp_path):
     trainer = TOODTrainer(overrides={"model": str(ROOT / "cfg/tood-r50.yaml"), "data": str(tiny_data), "lr0": 0.02,
                                      "batch": 4, "project": str(tmp_path), "device": "cpu"})
     a = trainer.args
-    assert trainer.recipe == a.recipe == "mmdet"
+    assert trainer.recipe.name == a.recipe == "mmdet"
     assert (a.optimizer, a.lr0, a.momentum, a.weight_decay, a.epochs) == ("SGD", 0.02, 0.9, 1e-4, 12)
     assert a.mosaic == 0 and a.fliplr == 0.5 and a.hsv_v == 0 and a.scale == 0
     assert trainer._get_warmup_iterations(1000) == 500 and trainer._get_warmup_iterations(20) == 11 * 20
@@ -54,7 +54,7 @@ def test_recipe_defaults_and_user_overrides(tiny_data, tmp_path):
     assert {g["nesterov"] for g in trainer.optimizer.param_groups} == {False}  # the reference's SGD
     trainer._setup_scheduler()
     assert [trainer.lf(e) for e in (0, 7, 8, 10, 11)] == [1, 1, 0.1 ** 1, 0.1 ** 1, 0.1 ** 2]
-    assert set(RECIPES["mmdet"]) <= set(vars(a))
+    assert set(RECIPES["mmdet"].overrides) <= set(vars(a))
 
 
 def test_ddp_worker_rebuilds_the_same_tood_trainer(tiny_data, tmp_path):
@@ -67,7 +67,7 @@ def test_ddp_worker_rebuilds_the_same_tood_trainer(tiny_data, tmp_path):
     file = Path(generate_ddp_file(trainer))
     # the worker script without its final trainer.train(): the rest of it runs as written
     script = file.read_text().replace("trainer.train()", (
-        "print(type(trainer).__name__, trainer.args.lr0, trainer.recipe, trainer._get_warmup_iterations(1000), "
+        "print(type(trainer).__name__, trainer.args.lr0, trainer.recipe.name, trainer._get_warmup_iterations(1000), "
         "sum(f.__name__ == 'set_loss_epoch' for f in trainer.callbacks['on_train_epoch_start']), "
         "type(trainer.model.model[-1]).__name__)"))
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}

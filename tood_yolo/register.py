@@ -14,22 +14,23 @@ supported extension point can do its job.
    checkpoints, resume, DDP workers and the tuner's child processes. The start-up hook adds them as soon as
    `ultralytics.utils` loads, in every process; this call covers a package imported without the hook installed.
 3. With YOLO_OFFLINE=1, no weights, datasets, fonts or HEIF plug-ins are fetched (`tood_yolo.data.offline`).
-4. Bad label rows, a missing labels folder and damaged video frames are handled clearly (`tood_yolo.data.inputs`).
+4. Damaged video frames are skipped and logged (`tood_yolo.data.video`). (Bad label rows and a missing labels folder
+   need no replacement: TOOD's trainer and validator build `tood_yolo.data.dataset.TOODDataset`.)
 
-`check_amp_replaced()` is the one replacement that is temporary: `TOODTrainer` applies it for its set-up only.
+One replacement lives below, beside what it replaces for: Ultralytics' AMP check, swapped for TOOD's during
+`TOODTrainer`'s set-up only (`tood_yolo.engine.amp.check_amp_replaced`).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import tood_yolo_hook
 
 from .data import offline
-from .nn.configs import YAML_SUFFIXES, find_config, unknown_config_message
+from .nn.configs import YAML_SUFFIXES, find_config, read_config, unknown_config_message
 from .nn.model import is_tood
 
 _done: set[str] = set()  # the parts of the registration already applied
@@ -39,10 +40,8 @@ def _is_tood_yaml(model) -> bool:
     """Whether `model` is the path of a model YAML that is TOOD's (`is_tood`)."""
     if not isinstance(model, (str, Path)) or Path(model).suffix.lower() not in YAML_SUFFIXES:
         return False
-    from ultralytics.nn.tasks import yaml_model_load
-
     try:
-        return is_tood(yaml_model_load(model))
+        return is_tood(read_config(model))
     except FileNotFoundError:
         if Path(model).name == str(model):  # a bare name that Ultralytics does not know either
             raise FileNotFoundError(unknown_config_message(model)) from None
@@ -91,38 +90,16 @@ def _guard_offline() -> None:
         module.check_det_dataset = check_local_dataset
 
 
-def _check_inputs() -> None:
-    """Ultralytics' label verification, label-file look-up and predict loader with the checks of
-    `tood_yolo.data.inputs`.
+def _skip_damaged_video_frames() -> None:
+    """Ultralytics' predict loader with `tood_yolo.data.video`'s, which skips (and logs) undecodable video frames.
 
-    `verify_image_label` is read as a module global by `YOLODataset.cache_labels`, the loader class by
-    `load_inference_source`, by name: neither takes a class or a function as an argument.
+    The loader class is read as a module global by `load_inference_source`, by name: no argument takes another class.
     """
-    from ultralytics.data import build, dataset
+    from ultralytics.data import build
 
-    from .data import inputs
-    from .tools.deploy import skipping_loader_class
+    from .data import video
 
-    dataset.verify_image_label = inputs.verify_labels(dataset.verify_image_label)
-    dataset.YOLODataset.get_label_files = inputs.get_label_files(dataset.YOLODataset.get_label_files)
-    build.LoadImagesAndVideos = skipping_loader_class()
-
-
-@contextmanager
-def check_amp_replaced():
-    """Within this block Ultralytics' trainer runs TOOD's AMP check (`tood_yolo.engine.amp.check_amp`) instead of its
-    own, which downloads yolo26n.pt and judges AMP on that model. `BaseTrainer._setup_train` calls `check_amp` as a
-    module global in the middle of its set-up (between the model and the DDP broadcast of the result)."""
-    from ultralytics.engine import trainer
-
-    from .engine.amp import check_amp
-
-    original = trainer.check_amp
-    trainer.check_amp = check_amp
-    try:
-        yield
-    finally:
-        trainer.check_amp = original
+    build.LoadImagesAndVideos = video.SkippingLoader
 
 
 def register() -> None:
@@ -142,4 +119,4 @@ def register() -> None:
     if "yolo" not in _done and yolo is not None:
         _done.add("yolo")
         yolo.__init__ = _route_tood_models(yolo.__init__)
-        _check_inputs()  # imports Ultralytics' data modules: only once Ultralytics has loaded them
+        _skip_damaged_video_frames()  # imports Ultralytics' data modules: only once Ultralytics has loaded them

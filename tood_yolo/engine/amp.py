@@ -2,16 +2,20 @@
 
 Ultralytics' `check_amp` compares the detections of yolo26n.pt in fp32 and under autocast, and fetches that model on
 first use: a TOOD run offline would try a download, and a TOOD run online would judge AMP on another model.
-`TOODTrainer` puts `check_amp` below in its place for its set-up (`tood_yolo.register.check_amp_replaced`).
+`TOODTrainer` puts `check_amp` below in its place for its set-up (`check_amp_replaced`): the one replacement of an
+Ultralytics name outside `tood_yolo.register`, temporary, and kept here so that the engine imports nothing above it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 
 import cv2
 import numpy as np
 import torch
+from ultralytics.engine import trainer
 from ultralytics.utils import ASSETS, LOGGER, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
@@ -75,3 +79,16 @@ def check_amp(model: torch.nn.Module, imgsz: int | None = None) -> bool:
         + ("AMP on" if ok else "AMP off: anomalies on this system that may cause NaN losses or zero mAP")
     )
     return ok
+
+
+@contextmanager
+def check_amp_replaced() -> Iterator[None]:
+    """Within this block Ultralytics' trainer runs TOOD's AMP check (`check_amp`) instead of its own, which downloads
+    yolo26n.pt and judges AMP on that model. `BaseTrainer._setup_train` calls `check_amp` as a module global in the
+    middle of its set-up (between the model and the DDP broadcast of the result): no argument or hook takes another."""
+    original = trainer.check_amp
+    trainer.check_amp = check_amp
+    try:
+        yield
+    finally:
+        trainer.check_amp = original

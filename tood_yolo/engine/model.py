@@ -12,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from ultralytics.engine.model import Model
 
 from ..nn.configs import find_config
 from ..nn.model import TOODDetectionModel
+from ..utils.recipe import recipe_arguments
 from .predictor import TOODDetectionPredictor
 from .trainer import TOODTrainer
 from .validator import TOODDetectionValidator
@@ -32,6 +34,14 @@ class TOOD(Model):
 
     def __init__(self, model: str | Path | Model = "tood-n.yaml", verbose: bool = False):
         super().__init__(model=find_config(model) or model, task="detect", verbose=verbose)
+
+    def train(self, trainer=None, **kwargs):
+        """Ultralytics' `Model.train`, told the run's `recipe=` and `initial_epoch=` as the model this object holds says
+        them (`recipe_arguments`), so that the trainer neither reads its YAML again nor loads its checkpoint. A resume
+        takes them from its checkpoint, and a `cfg=` file is read by the trainer, as Ultralytics reads it there."""
+        if not kwargs.get("resume") and not kwargs.get("cfg") and isinstance(self.model, torch.nn.Module):
+            kwargs.update(recipe_arguments(kwargs, self.model.yaml))
+        return super().train(trainer, **kwargs)
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:

@@ -1,32 +1,33 @@
-"""`TOODTrainer`: Ultralytics' DetectionTrainer with TOOD's recipes (`tood_yolo.engine.recipe`) and the loss
-epoch wired in."""
+"""`TOODTrainer`: Ultralytics' DetectionTrainer with TOOD's recipe (`tood_yolo.utils.recipe.Recipe`) worked out once
+and handed to its losses, and the loss epoch wired in."""
 
 from __future__ import annotations
 
-from copy import copy
+from copy import copy, deepcopy
+from pathlib import Path
 
 from torch import optim
-from ultralytics.cfg import DEFAULT_CFG, DEFAULT_CFG_DICT
+from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ..data.dataset import TOODDataset, build_tood_dataset
+from ..nn.configs import YAML_SUFFIXES, read_config
 from ..nn.model import TOODDetectionModel
-from .loss import TOODLoss
-from .recipe import RECIPES, LossScale, check_recipe, model_yaml_of, recipe_of
+from ..utils.loss import TOODLoss
+from ..utils.recipe import RECIPES, Recipe, arg, recipe_arguments
+from .amp import check_amp_replaced
 from .validator import TOODDetectionValidator
-
-WARMUP_ITERS = 500  # mmdet LinearLR over the first 500 iterations
-MILESTONES = (8 / 12, 11 / 12)  # lr x0.1 at epoch 8 and again at 11 of 12 (16 and 22 of 24 for the 2x schedule)
-V8_LOSS_GAINS = ("box", "cls", "dfl")  # v8DetectionLoss gains: meaningless for TOOD's loss under the mmdet recipe
 
 
 def _criteria(trainer):
-    """The losses of the trained and the EMA model, built if Ultralytics has not built them yet."""
+    """The losses of the trained and the EMA model, built with the run's recipe if Ultralytics has not built them."""
     for model in (unwrap_model(trainer.model), getattr(trainer.ema, "ema", None)):
         if model is not None:
             if getattr(model, "criterion", None) is None:
-                model.criterion = model.init_criterion()
+                model.criterion = model.init_criterion(trainer.recipe)
             yield model.criterion
 
 
@@ -39,35 +40,36 @@ def set_loss_epoch(trainer) -> None:
     """Tell the loss of the trained and the EMA model which epoch runs (warm-up or TAL); also right after a resume.
 
     Under `time=`, Ultralytics re-estimates the run's epochs after each epoch (`BaseTrainer._do_train` sets
-    `trainer.epochs`); the warm-up is re-planned with that estimate first (`ATSSWarmup.replanned`), and each change is
-    logged, so that the last epoch the budget allows trains with TAL.
+    `trainer.epochs`); the warm-up is re-planned with that estimate first (`Recipe.replanned`), and each change is
+    logged, so that the last epoch the budget allows trains with TAL. The losses get the trainer's recipe each time.
     """
     criteria = _tood_criteria(trainer)
     if trainer.args.time and criteria:
-        warmup = criteria[0].atss_warmup.replanned(trainer.epochs, trainer.epoch)
-        if warmup != criteria[0].atss_warmup:
+        recipe = trainer.recipe.replanned(trainer.epochs, trainer.epoch)
+        if recipe != trainer.recipe:
             LOGGER.info(f"TOOD: time={trainer.args.time} h is now estimated at {trainer.epochs} epochs: ATSS warm-up "
-                        f"for {warmup.epochs} epoch(s), then task alignment learning")
-        for criterion in criteria:
-            criterion.atss_warmup = warmup
+                        f"for {recipe.warmup.epochs} epoch(s), then task alignment learning")
+        trainer.recipe = recipe
+    for criterion in criteria:
+        criterion.recipe = trainer.recipe
     for criterion in _criteria(trainer):
         criterion.epoch = trainer.epoch
 
 
 def log_warmup(trainer) -> None:
     """Say at the start how many epochs the ATSS warm-up takes, and when it was cut so that the run ends in TAL."""
-    criteria = _tood_criteria(trainer)
-    if not criteria:
+    if not _tood_criteria(trainer):
         return
+    warmup = trainer.recipe.warmup
     if trainer.args.time:
-        LOGGER.info(f"TOOD: recipe '{trainer.recipe}', time={trainer.args.time} h: ATSS warm-up for "
-                    f"{criteria[0].atss_warmup.asked} epoch(s), cut to leave the last epoch of the run to task "
+        LOGGER.info(f"TOOD: recipe '{trainer.recipe.name}', time={trainer.args.time} h: ATSS warm-up for "
+                    f"{warmup.asked} epoch(s), cut to leave the last epoch of the run to task "
                     "alignment learning once Ultralytics has estimated the run's epochs (after each epoch)")
         return
-    plan, cut = criteria[0].atss_warmup.describe(trainer.epochs)
+    plan, cut = warmup.describe(trainer.epochs)
     if cut:
         LOGGER.warning(f"TOOD: {cut}")
-    LOGGER.info(f"TOOD: recipe '{trainer.recipe}', {plan}")
+    LOGGER.info(f"TOOD: recipe '{trainer.recipe.name}', {plan}")
 
 
 def warn_if_ended_in_warmup(trainer) -> None:
@@ -79,11 +81,23 @@ def warn_if_ended_in_warmup(trainer) -> None:
                        "with task alignment learning (lower initial_epoch= or give a longer time= / patience=)")
 
 
+def read_model_yaml(model) -> dict:
+    """The model YAML of a run's `model=`: a YAML path or a shipped config's name, or a checkpoint (loaded whole:
+    only a trainer started without `TOOD.train`, which says the recipe and warm-up itself); {} for anything else."""
+    if isinstance(model, (str, Path)) and Path(model).suffix.lower() in YAML_SUFFIXES:
+        return read_config(model)
+    if isinstance(model, (str, Path)) and Path(model).suffix == ".pt" and Path(model).exists():
+        return getattr(load_checkpoint(model)[0], "yaml", None) or {}
+    return {}
+
+
 class TOODTrainer(DetectionTrainer):
     """Train TOOD models through Ultralytics' trainer with one of TOOD's recipes.
 
-    The recipe is the `recipe=` argument, else the model YAML's `recipe:`, else `mmdet` for ResNet backbones and
-    `ultralytics` otherwise (`tood_yolo.engine.recipe`). Every Ultralytics argument overrides the recipe's values.
+    The recipe (`tood_yolo.utils.recipe.Recipe`) is worked out once, here: the `recipe=` argument, else the model YAML's
+    `recipe:`, else `mmdet` for ResNet backbones and `ultralytics` otherwise; every Ultralytics argument overrides the
+    recipe's values. The run's arguments then say the recipe and its warm-up (`recipe_arguments`), so that DDP workers
+    and a resume get them back, and the trainer hands the recipe to its losses.
 
     `mmdet` (the reference's 1x recipe): SGD lr 0.01 without Nesterov, momentum 0.9, weight decay 1e-4 on every
     parameter, linear warm-up over 500 iterations (while `warmup_epochs` keeps its default), lr steps x0.1 at 8/12 and
@@ -96,34 +110,48 @@ class TOODTrainer(DetectionTrainer):
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
         overrides = overrides or {}
-        recipe = check_recipe(overrides.get("recipe") or recipe_of(model_yaml_of(overrides.get("model"))))
-        super().__init__(cfg, {**RECIPES[recipe], **overrides, "recipe": recipe}, _callbacks)
-        self.recipe = check_recipe(self.args.recipe)  # a resume restores the run's own arguments
-        self.loss_scale = LossScale(self.recipe)
-        # Decided from values, not from which keys were passed: a DDP worker or a resume gets every argument back
-        if self.recipe == "mmdet":
-            for k in V8_LOSS_GAINS:
-                if getattr(self.args, k) != DEFAULT_CFG_DICT[k]:
-                    LOGGER.warning(f"'{k}={getattr(self.args, k)}' is a gain of YOLOv8's loss: the mmdet recipe keeps "
-                                   "the reference's loss weights (recipe=ultralytics maps cls= and box= to TOOD's)")
+        self.model_yaml: dict | None = None  # read only when the arguments leave the recipe or its warm-up open
+        if not overrides.get("resume"):  # a resume takes the run's own arguments back from its checkpoint
+            given = recipe_arguments(overrides, self._model_yaml(overrides))
+            overrides = {**RECIPES[given["recipe"]].overrides, **overrides, **given}
+        super().__init__(cfg, overrides, _callbacks)
+        self.recipe = Recipe.of(self.args, self._model_yaml(self.args))
+        for warning in self.recipe.gain_warnings(self.args):
+            LOGGER.warning(warning)
         for event, callback in (("on_train_epoch_start", set_loss_epoch), ("on_train_start", log_warmup),
                                 ("on_train_end", warn_if_ended_in_warmup)):
             if callback not in self.callbacks[event]:  # DDP workers get the callbacks pickled
                 self.add_callback(event, callback)
 
+    def _model_yaml(self, args) -> dict:
+        """The model YAML as far as the run's arguments (a dict or the trainer's namespace) need it: {} when they say
+        the recipe and its warm-up, else read once (`read_model_yaml`)."""
+        if arg(args, "recipe") and arg(args, "initial_epoch") is not None:
+            return {}
+        if self.model_yaml is None:
+            self.model_yaml = read_model_yaml(arg(args, "model"))
+        return self.model_yaml
+
     def get_model(self, cfg: str | dict | None = None, weights=None, verbose: bool = True) -> TOODDetectionModel:
-        """`DetectionTrainer.get_model` with TOOD's model class, which builds TOOD's modules and picks TOOD's loss."""
+        """`DetectionTrainer.get_model` with TOOD's model class, which builds TOOD's modules and picks TOOD's loss
+        (built with the run's recipe once training starts)."""
+        if self.model_yaml and isinstance(cfg, (str, Path)) and str(cfg) == str(self.args.model):
+            cfg = deepcopy(self.model_yaml)  # the run's YAML, already read for its recipe
         model = TOODDetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
         model = self.set_model_names_for_load(model)
         if weights:
             model.load(weights)
         return model
 
-    def _setup_train(self) -> None:
-        """Ultralytics' set-up with TOOD's AMP check on the model itself (`tood_yolo.engine.amp`): no
-        yolo26n.pt download."""
-        from ..register import check_amp_replaced  # the module that replaces Ultralytics' names, and imports this one
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> TOODDataset:
+        """`DetectionTrainer.build_dataset` with TOOD's dataset class, which names bad label rows and a missing labels
+        folder (`tood_yolo.data.dataset`)."""
+        gs = max(int(unwrap_model(self.model).stride.max()), 32)
+        return build_tood_dataset(self.args, img_path, batch, self.data, mode=mode, rect=mode == "val", stride=gs)
 
+    def _setup_train(self) -> None:
+        """Ultralytics' set-up with TOOD's AMP check on the model itself (`check_amp_replaced`): no yolo26n.pt
+        download."""
         with check_amp_replaced():
             super()._setup_train()
 
@@ -134,35 +162,32 @@ class TOODTrainer(DetectionTrainer):
         the batch; `nbs` decides both the gradient accumulation and the weight-decay scaling there.
         """
         nbs = self.args.nbs
-        self.args.nbs = self.loss_scale.nominal_batch(self.batch_size, nbs)
+        self.args.nbs = self.recipe.loss_scale.nominal_batch(self.batch_size, nbs)
         try:
             super()._build_train_pipeline()
         finally:
             self.args.nbs = nbs
 
     def _get_warmup_iterations(self, num_batches: int) -> int:
-        """mmdet: 500 iterations while `warmup_epochs` keeps Ultralytics' default, never past the last epoch."""
-        if self.recipe != "mmdet" or self.args.warmup_epochs != DEFAULT_CFG_DICT["warmup_epochs"]:
-            return super()._get_warmup_iterations(num_batches)
-        return min(WARMUP_ITERS, max(self.epochs - 1, 0) * num_batches)
+        """The recipe's learning-rate warm-up (mmdet: 500 iterations), else Ultralytics'
+        (`Recipe.warmup_iterations`)."""
+        n = self.recipe.warmup_iterations(self.args, self.epochs, num_batches)
+        return super()._get_warmup_iterations(num_batches) if n is None else n
 
     def _setup_scheduler(self) -> None:
-        """mmdet: step decay at 8/12 and 11/12 of the epochs, unless `cos_lr=True` or `lrf` differs from its default."""
-        if self.recipe != "mmdet" or self.args.cos_lr or self.args.lrf != DEFAULT_CFG_DICT["lrf"]:
+        """The recipe's step schedule (mmdet: x0.1 at 8/12 and 11/12 of the epochs), else Ultralytics' schedules
+        (`Recipe.lr_lambda`)."""
+        lf = self.recipe.lr_lambda(self.args, self.epochs)
+        if lf is None:
             return super()._setup_scheduler()
-        m1, m2 = (round(self.epochs * m) for m in MILESTONES)
-        self.lf = lambda epoch: 0.1 ** ((epoch >= m1) + (epoch >= m2))
+        self.lf = lf
         self.scheduler = optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
-        """Ultralytics' optimiser; mmdet: weight decay on every parameter group and SGD without Nesterov momentum, as
-        the reference's `SGD(lr, momentum, weight_decay)` (no paramwise cfg)."""
+        """Ultralytics' optimiser with the recipe's parameter groups (mmdet: the reference's plain SGD with weight
+        decay on every group, `Recipe.adjust_optimizer`)."""
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        if self.recipe == "mmdet":
-            for group in optimizer.param_groups:
-                group["weight_decay"] = decay
-                if "nesterov" in group:
-                    group["nesterov"] = False
+        self.recipe.adjust_optimizer(optimizer, decay)
         return optimizer
 
     def get_validator(self):

@@ -1,5 +1,6 @@
 """`TOODDetectionValidator`: Ultralytics' detection validator with TOOD's pre-NMS bound (`engine/candidates.py`), a
-class-name check, and COCO's official box AP table (pycocotools) for `save_json=True`, offline.
+class-name check, TOOD's dataset class (`tood_yolo.data.dataset`), and COCO's official box AP table (pycocotools) for
+`save_json=True`, offline.
 
 What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_json` / `coco_evaluate`):
 
@@ -16,37 +17,24 @@ What Ultralytics 8.4.190 does with `save_json=True` (`DetectionValidator.eval_js
 `TOODDetectionValidator` is that validator with `coco_evaluate` done by pycocotools (the official implementation):
 the 12-number AP/AR table is printed after Ultralytics' own metrics, and the stats get the same keys faster-coco-eval
 would have filled (`metrics/mAP_small(B)` etc.; on COCO/LVIS also mAP50, mAP50-95 and fitness).
-`python -m tood_yolo.tools.coco` scores a saved predictions.json against any COCO annotation file.
+The COCO json helpers (reading, pycocotools scoring) are `tood_yolo.utils.coco`'s; `python -m tood_yolo.tools.coco`
+scores a saved predictions.json against any COCO annotation file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER, nms
 
+from ..data.dataset import TOODDataset, build_tood_dataset
+from ..utils.coco import coco_eval, load_gt
 from .candidates import MAX_NMS, ULTRALYTICS_MAX_NMS, needs_bound, nms_bound, top_anchors
-
-COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def read_json(path: str | Path) -> Any:
-    """The contents of a JSON file; a missing, truncated or damaged file is an error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON (truncated or damaged?): {e}") from e
 
 
 def _short(names: list[str], n: int = 8) -> str:
@@ -54,74 +42,10 @@ def _short(names: list[str], n: int = 8) -> str:
     return f"{names}" if len(names) <= n else f"{names[:n]}... ({len(names)} names)"
 
 
-def _quiet(fn, *args, **kwargs):
-    """Call a pycocotools function with its progress prints captured; returns (result, captured text)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        out = fn(*args, **kwargs)
-    return out, buf.getvalue()
-
-
-def load_gt(annotations: str | Path | dict):
-    """A pycocotools COCO object from an annotation file or an in-memory COCO dict (copied)."""
-    from pycocotools.coco import COCO
-
-    gt = COCO()
-    if isinstance(annotations, dict):
-        gt.dataset = copy.deepcopy(annotations)
-    else:
-        gt.dataset = read_json(annotations)
-    gt.dataset.setdefault("images", [])
-    gt.dataset.setdefault("annotations", [])
-    gt.dataset.setdefault("categories", [])
-    _quiet(gt.createIndex)
-    return gt
-
-
-def coco_eval(
-    predictions: str | Path | list[dict],
-    annotations: str | Path | dict | Any,
-    img_ids: list | None = None,
-    iou_type: str = "bbox",
-    print_fn: Any = LOGGER.info,
-) -> dict[str, float]:
-    """Score COCO-format detections with pycocotools and return COCO's 12 statistics by name (`COCO_STATS`).
-
-    Args:
-        predictions (str | Path | list[dict]): Results json or list of {image_id, category_id, bbox (ltwh), score}
-            (not modified).
-        annotations (str | Path | dict | pycocotools.coco.COCO): Ground truth.
-        img_ids (list, optional): Images to evaluate; default every image of the ground truth.
-        iou_type (str): "bbox" (or "segm"/"keypoints" with matching inputs).
-        print_fn (callable, optional): Where pycocotools' AP/AR table goes (LOGGER.info; None: nowhere).
-
-    Returns:
-        (dict[str, float]): AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl (-1 where pycocotools has no
-            ground truth for an area range); all 0 without predictions.
-    """
-    from pycocotools.cocoeval import COCOeval
-
-    gt = annotations if hasattr(annotations, "loadRes") else load_gt(annotations)
-    dets = read_json(predictions) if isinstance(predictions, (str, Path)) else predictions
-    if not dets:
-        if print_fn:
-            print_fn("pycocotools: no detections, every COCO statistic is 0")
-        return dict.fromkeys(COCO_STATS, 0.0)
-    dt, _ = _quiet(gt.loadRes, copy.deepcopy(list(dets)))  # loadRes adds area/id/segmentation to what it gets
-    ev = COCOeval(gt, dt, iou_type)
-    if img_ids is not None:
-        ev.params.imgIds = list(img_ids)
-    _quiet(ev.evaluate)
-    _quiet(ev.accumulate)
-    _, table = _quiet(ev.summarize)
-    if print_fn:
-        print_fn(f"pycocotools COCO {iou_type} evaluation:\n{table.rstrip()}")
-    return {k: float(v) for k, v in zip(COCO_STATS, ev.stats)}
-
-
 class TOODDetectionValidator(DetectionValidator):
     """Ultralytics' DetectionValidator whose NMS gets at most `max_nms` (or `max_det`) candidates per image for models
-    with a T-head, and whose `save_json=True` COCO evaluation runs pycocotools (offline).
+    with a T-head, whose dataset is TOOD's (`build_dataset`), and whose `save_json=True` COCO evaluation
+    runs pycocotools (offline).
 
     NMS runs without Ultralytics' time limit (2 s + 0.05 s per image of a batch). Past it Ultralytics only warns and
     gives the rest of the batch no detections, so mAP would depend on the machine's load (it did for weakly trained
@@ -138,6 +62,14 @@ class TOODDetectionValidator(DetectionValidator):
 
     max_nms: int = MAX_NMS
     bounded: bool = True
+
+    def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None) -> TOODDataset:
+        """`DetectionValidator.build_dataset` with TOOD's dataset class, which names bad label rows and a missing
+        labels folder (`tood_yolo.data.dataset`)."""
+        fraction = get_split_fraction(self.args.fraction, self.args.split or "val")
+        return build_tood_dataset(
+            self.args, img_path, batch, self.data, mode=mode, stride=self.stride, fraction=fraction
+        )
 
     def init_metrics(self, model) -> None:
         """Ultralytics' metrics set-up, whether NMS's candidates are bounded for this model (`needs_bound`), and a

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ultralytics.nn.tasks import yaml_model_load
+
 PACKAGE = Path(__file__).resolve().parents[1]
 CONFIG_DIRS = (PACKAGE / "cfg", PACKAGE.parent / "cfg")  # wheel install; source checkout or editable install
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -34,3 +36,9 @@ def unknown_config_message(model) -> str:
     """One line for a YAML name that is neither a file, nor TOOD's, nor Ultralytics': what was typed, what exists."""
     return (f"model={model}: no such file, and not a config of TOOD or Ultralytics. TOOD configs: "
             f"{', '.join(config_names())}; Ultralytics' own, e.g. yolo11n.yaml, yolov8s.yaml")
+
+
+def read_config(model: str | Path) -> dict:
+    """The model YAML dict of a path or of a shipped config's name (`find_config`), read as Ultralytics reads its own
+    (`yaml_model_load`, which also records the file and the scale its name gives)."""
+    return yaml_model_load(find_config(model) or model)

@@ -160,6 +160,9 @@ class TOODHead(Detect):
     cv2, cv3 = (), None
     # `anchor_grid`'s cache: the (level sizes, device, dtype) its anchor points were computed for
     _anchor_key, _anchor_points = None, None
+    # Training outputs are decoded (xyxy boxes, probabilities), not Detect's distances and logits: what the losses
+    # below the network (`tood_yolo.utils.loss`) read, so that they need not import the head
+    decoded = True
 
     def __init__(
         self,

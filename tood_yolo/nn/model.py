@@ -22,8 +22,10 @@ from ultralytics.nn.modules import Detect
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights, scale_img
 
+from ..utils.loss import THeadV8Loss, TOODLoss
+from ..utils.recipe import Recipe
 from .backbone import ResNet
-from .configs import find_config
+from .configs import read_config
 from .head import TOODHead
 from .neck import FPN
 
@@ -162,7 +164,7 @@ class TOODDetectionModel(tasks.DetectionModel):
     def __init__(self, cfg: str | dict = "tood-r50.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True):
         # not DetectionModel's, whose parser is a module global that knows no TOOD module
         tasks.BaseModel.__init__(self)
-        self.yaml = cfg if isinstance(cfg, dict) else tasks.yaml_model_load(find_config(cfg) or cfg)
+        self.yaml = cfg if isinstance(cfg, dict) else read_config(cfg)
         self.yaml["channels"] = ch
         if nc and nc != self.yaml["nc"]:
             LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")
@@ -211,10 +213,13 @@ class TOODDetectionModel(tasks.DetectionModel):
             y.append(self._descale_pred(self._predict_once(xi)[0], flip, scale, img_size))
         return torch.cat(self._clip_augmented(y), -1), None
 
-    def init_criterion(self):
-        """The loss the YAML names (`loss: tood` / `loss: v8`), else TOOD's for a T-head and Ultralytics' otherwise."""
-        from ..engine.loss import THeadV8Loss, TOODLoss
+    def init_criterion(self, recipe: Recipe | None = None):
+        """The loss the YAML names (`loss: tood` / `loss: v8`), else TOOD's for a T-head and Ultralytics' otherwise.
 
+        Args:
+            recipe (Recipe, optional): The run's recipe, for TOOD's loss (`TOODTrainer` hands it over); None: the loss
+                works it out from the model's `args` and YAML (as when Ultralytics builds the loss on first use).
+        """
         thead = isinstance(self.model[-1], TOODHead)
         loss = self.yaml.get("loss", "tood" if thead else "v8")
         if loss not in LOSSES:
@@ -222,5 +227,5 @@ class TOODDetectionModel(tasks.DetectionModel):
                 f"model YAML 'loss: {loss}': choose 'tood' (TAL + QFL + GIoU) or 'v8' (Ultralytics' v8 loss)"
             )
         if loss == "tood":
-            return TOODLoss(self)
+            return TOODLoss(self, recipe)
         return THeadV8Loss(self) if thead else super().init_criterion()

@@ -1,5 +1,5 @@
 """`python -m tood_yolo.tools.coco`: score a predictions.json of `yolo val save_json=True` against any COCO annotation
-file with pycocotools (`tood_yolo.engine.validator.coco_eval`), offline:
+file with pycocotools (`tood_yolo.utils.coco.coco_eval`), offline:
 
     $ python -m tood_yolo.tools.coco predictions=runs/detect/val/predictions.json annotations=instances_val2017.json
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ultralytics.utils import LOGGER
 
-from ..engine.validator import coco_eval, read_json
+from ..utils.coco import coco_eval, read_json
 
 
 def match_predictions(

@@ -1,4 +1,4 @@
-"""Deployment helpers: fail-fast checks of live sources, a video loader that skips corrupt frames, torch-free ONNX.
+"""Deployment helpers: fail-fast checks of live sources, sources prepared for predict, torch-free ONNX.
 
 What Ultralytics 8.4.190 already does, and what this module adds (see the Deployment section of README.md):
 
@@ -10,10 +10,9 @@ What Ultralytics 8.4.190 already does, and what this module adds (see the Deploy
   opens the stream with a short timeout and needs one decoded frame, or raises `ConnectionError`; `prepare_source`
   also sets FFmpeg's socket timeout (`OPENCV_FFMPEG_CAPTURE_OPTIONS="timeout;<us>"`, unless the user set it) so the
   captures Ultralytics opens afterwards give up as quickly.
-- Video files: a frame that FFmpeg cannot decode (e.g. a damaged JPEG in an MJPG AVI, a damaged header in MPEG-4)
-  makes `cv2.VideoCapture.grab()` return False, which `LoadImagesAndVideos` takes for the end of the video: the rest
-  of the video is silently dropped. `video_loader` returns a `LoadImagesAndVideos` whose captures skip such frames
-  and log each skip; Ultralytics' predictor accepts a loader object as `source`.
+- Video files: `prepare_source` hands local videos to `tood_yolo.data.video.video_loader`, whose captures skip (and
+  log) frames FFmpeg cannot decode instead of ending the video there; Ultralytics' predictor accepts a loader object as
+  `source`.
 - `detect_onnx` and the functions before it run an exported TOOD ONNX model with onnxruntime, numpy and OpenCV
   alone: no torch, no Ultralytics. README.md carries that section verbatim (a test keeps them equal).
 
@@ -35,7 +34,6 @@ import numpy as np
 
 LOGGER = logging.getLogger("ultralytics")  # Ultralytics' own logger, without importing Ultralytics (and torch)
 STREAM_TIMEOUT = float(os.environ.get("TOOD_STREAM_TIMEOUT", 10))  # seconds a live source gets to deliver a frame
-MAX_SKIPPED_FRAMES = 250  # consecutive undecodable frames after which a video is taken as ended
 RATE_LOG_S = 10.0  # seconds between frame-rate lines while a long video or a live stream runs
 FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 
@@ -184,77 +182,6 @@ def check_stream(url: str, timeout: float = STREAM_TIMEOUT) -> tuple[int, int]:
     return frame.shape[1], frame.shape[0]
 
 
-class _SkippingCapture:
-    """A `cv2.VideoCapture` of a file whose `grab`/`retrieve` skip undecodable frames, logging each, instead of
-    ending the video there. Every other attribute is the capture's own."""
-
-    def __init__(self, cap, path: str):
-        self._cap, self.path = cap, path
-        self.frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-        self.pos = 0  # frames consumed, decoded or not
-        self.skipped = 0  # total undecodable frames skipped
-
-    def __getattr__(self, name):
-        return getattr(self._cap, name)
-
-    def grab(self) -> bool:
-        for _ in range(MAX_SKIPPED_FRAMES + 1):
-            if self._cap.grab():
-                self.pos += 1
-                return True
-            if self.pos + 1 >= self.frames:  # the last frame: the end of the video (or a count that was too high)
-                return False
-            self.pos += 1
-            self.skipped += 1
-            LOGGER.warning(f"Video Frame Read Error {self.path}: frame {self.pos} of {self.frames} could "
-                           f"not be decoded, skipped")
-        return False
-
-    def retrieve(self, *args):
-        ok, im = self._cap.retrieve(*args)
-        if not ok or im is None:
-            self.skipped += 1
-            LOGGER.warning(f"Video Frame Read Error {self.path}: frame {self.pos} could not be decoded, "
-                           f"skipped")
-        return ok, im
-
-    def read(self, *args):
-        return self.retrieve(*args) if self.grab() else (False, None)
-
-
-_LOADER_CLASS = None
-
-
-def skipping_loader_class():
-    """The `LoadImagesAndVideos` subclass with skipping captures (built on first use: Ultralytics imports torch)."""
-    global _LOADER_CLASS
-    if _LOADER_CLASS is None:
-        from ultralytics.data.loaders import LoadImagesAndVideos
-
-        class LoadImagesAndVideosSkippingBadFrames(LoadImagesAndVideos):
-            """Ultralytics' image/video loader whose video captures skip (and log) undecodable frames."""
-
-            def _new_video(self, path: str):
-                super()._new_video(path)
-                self.cap = _SkippingCapture(self.cap, path)
-
-        _LOADER_CLASS = LoadImagesAndVideosSkippingBadFrames
-    return _LOADER_CLASS
-
-
-def video_loader(source, batch: int = 1, vid_stride: int = 1, channels: int = 3):
-    """A loader for a file, folder, glob or list of files, to pass as `source` to `YOLO.predict`/`track`.
-
-    Ultralytics' `LoadImagesAndVideos`, except that an undecodable video frame is skipped and logged instead of
-    ending its video. `batch` and `vid_stride` must be given here: the predictor uses the loader as it is.
-    """
-    from ultralytics.data.build import SourceTypes
-
-    loader = skipping_loader_class()(source, batch=batch, vid_stride=vid_stride, channels=channels)
-    loader.source_type = SourceTypes(stream=False, screenshot=False, from_img=False, tensor=False)
-    return loader
-
-
 def _has_video(source) -> bool:
     """Whether a local file/folder/glob/list source names at least one video file."""
     from ultralytics.data.utils import VID_FORMATS
@@ -277,7 +204,8 @@ def prepare_source(source, batch: int = 1, vid_stride: int = 1, channels: int = 
     - a webcam index: `check_webcam` (a clear `ConnectionError` at once when it does not open);
     - a stream URL, or a `.streams` file of them: `check_stream` on each (`ConnectionError` within `timeout` s), and
       the FFmpeg socket timeout for the captures Ultralytics opens next (`set_ffmpeg_timeout`);
-    - local videos (a file, folder, glob or list with a video in it): `video_loader`, which skips corrupt frames;
+    - local videos (a file, folder, glob or list with a video in it): `tood_yolo.data.video.video_loader`, which
+      skips corrupt frames;
     - anything else (images, arrays, `screen`, ...) is returned unchanged.
     """
     if isinstance(source, Path):
@@ -300,6 +228,8 @@ def prepare_source(source, batch: int = 1, vid_stride: int = 1, channels: int = 
         isinstance(source, (list, tuple)) and all(isinstance(s, (str, Path)) for s in source)
     )
     if local and _has_video(source):
+        from ..data.video import video_loader  # Ultralytics and torch: not at import (see the module docstring)
+
         return video_loader(source, batch=batch, vid_stride=vid_stride, channels=channels)
     return source
 

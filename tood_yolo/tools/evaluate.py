@@ -57,10 +57,9 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-# COCO_STATS: the names of the returned statistics
-from ..engine.validator import COCO_STATS, coco_eval, load_gt  # noqa: F401
 from ..nn.backbone import IMAGENET_MEAN, ResNet
 from ..nn.head import TOODHead
+from ..utils.coco import coco_eval, load_gt
 
 SCALE = (1333, 800)  # mmdet Resize scale (long, short), keep_ratio=True
 SIZE_DIVISOR = 32  # DetDataPreprocessor pad_size_divisor
@@ -221,7 +220,8 @@ def evaluate(
     verbose: bool = True,
 ) -> dict[str, float]:
     """Detect on the annotated images of `annotations` (found under `images`), write COCO results json, score with
-    pycocotools. Returns COCO's 12 statistics by name (`COCO_STATS`), and `n_images`, `n_detections`."""
+    pycocotools. Returns COCO's 12 statistics by name (`tood_yolo.utils.coco.COCO_STATS`), and `n_images`,
+    `n_detections`."""
     coco = load_gt(annotations)  # before the model: a bad annotation file fails at once
     model = load_model(model, device, half)
     cat_ids = sorted(coco.getCatIds())

@@ -10,7 +10,7 @@ import torch
 from ultralytics.utils import LOGGER
 from ultralytics.utils.ops import ltwh2xyxy
 
-from ...engine.validator import read_json
+from ...utils.coco import read_json
 from .metrics import PRE_NMS_MISSING, AlignmentStats, count_detections
 from .validator import AlignmentValidator
 

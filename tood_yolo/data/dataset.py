@@ -1,4 +1,4 @@
-"""Bad inputs that Ultralytics reads without saying what is wrong: label rows, a missing labels folder, video frames.
+"""Bad inputs that Ultralytics reads without saying what is wrong: label rows and a missing labels folder.
 
 `tood_yolo.register` puts these in place of Ultralytics' own:
 
@@ -8,9 +8,9 @@
   line and the fault first, then defers to Ultralytics' own checks;
 - no labels folder: Ultralytics scans, finds nothing and fails on a `.cache` file that was never written.
   `get_label_files` wraps `YOLODataset.get_label_files`, which then says "no labels folder at ..." (an error for a
-  training set, a warning for validation, as Ultralytics treats unlabelled validation sets);
-- damaged video frames: `yolo predict` ends a video at the first frame FFmpeg cannot decode. Its loader becomes
-  `tood_yolo.tools.deploy.skipping_loader_class()`, which skips and logs such frames, as `predict.py` does.
+  training set, a warning for validation, as Ultralytics treats unlabelled validation sets).
+
+Damaged video frames have their own module, `tood_yolo.data.video`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import functools
 import math
 from pathlib import Path
 
-from ultralytics.utils import LOGGER
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.data.utils import get_split_fraction
+from ultralytics.utils import LOGGER, IterableSimpleNamespace, colorstr
 
 BOX_COLUMNS = 5  # class x_center y_center width height
 
@@ -67,12 +69,13 @@ def verify_labels(verify_image_label):
     return verify
 
 
-def get_label_files(get_label_files_of):
-    """`YOLODataset.get_label_files` that says so when the labels folder of the images does not exist."""
+class TOODDataset(YOLODataset):
+    """Ultralytics' detection dataset whose label scan names bad label rows and a missing labels folder (see the module
+    docstring); everything else is `YOLODataset`'s."""
 
-    @functools.wraps(get_label_files_of)
     def get_label_files(self) -> list[str]:
-        files = get_label_files_of(self)
+        """`YOLODataset.get_label_files`, which says so when the labels folder of the images does not exist."""
+        files = super().get_label_files()
         folders = sorted({str(Path(f).parent) for f in files})
         if files and not any(Path(d).is_dir() for d in folders):
             more = f" (and {len(folders) - 1} more)" if len(folders) > 1 else ""
@@ -83,4 +86,42 @@ def get_label_files(get_label_files_of):
             LOGGER.warning(msg)
         return files
 
-    return get_label_files
+    def verify_args(self) -> tuple:
+        """`YOLODataset.verify_args` with its verification function wrapped by `verify_labels`."""
+        verify, iterable = super().verify_args()
+        return verify_labels(verify), iterable
+
+
+def build_tood_dataset(
+    cfg: IterableSimpleNamespace,
+    img_path: str | list[str],
+    batch: int | None,
+    data: dict,
+    mode: str = "train",
+    rect: bool = False,
+    stride: int = 32,
+    fraction: float | None = None,
+) -> TOODDataset:
+    """A `TOODDataset` built as Ultralytics' `build_yolo_dataset` builds a detection `YOLODataset`, same arguments and
+    same values (its depth, semantic and multi-modal branches are other tasks)."""
+    if data.get("complete"):
+        fraction = 1.0  # already limited during dataset download
+    elif fraction is None:
+        fraction = get_split_fraction(cfg.fraction, "train" if mode == "train" else cfg.split)
+    return TOODDataset(
+        img_path=img_path,
+        imgsz=cfg.imgsz,
+        batch_size=batch,
+        augment=mode == "train",
+        hyp=cfg,
+        rect=cfg.rect or rect,
+        cache=cfg.cache or None,
+        single_cls=cfg.single_cls or False,
+        stride=stride,
+        pad=0.0 if mode == "train" else 0.5,
+        prefix=colorstr(f"{mode}: "),
+        task=cfg.task,
+        classes=cfg.classes,
+        data=data,
+        fraction=fraction,
+    )

@@ -1,7 +1,7 @@
 """TOOD's training loss: Task Alignment Learning, with ATSS warm-up epochs, as mmdetection's TOODHead.
 
 Written by hand because Ultralytics' `v8DetectionLoss` differs in every part that matters here: BCE instead
-of quality focal loss, CIoU + DFL instead of GIoU x 2, another assigner (`tood_yolo.engine.assigners`), no warm-up.
+of quality focal loss, CIoU + DFL instead of GIoU x 2, another assigner (`tood_yolo.utils.assigners`), no warm-up.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from ultralytics.utils.loss import DFLoss, v8DetectionLoss
 from ultralytics.utils.tal import make_anchors
 
-from ..nn.head import TOODHead
 from .assigners import ATSSAssigner, TALAssigner
-from .recipe import ATSSWarmup, LossScale, arg, check_recipe, recipe_of
+from .recipe import Recipe
 
 
 def quality_focal_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
@@ -94,11 +93,11 @@ class TOODLoss:
     centreness-weighted GIoU / sum of centreness. Later: task-aligned targets, quality focal loss with t_hat as soft
     label and t_hat-weighted GIoU, both / max(sum of t_hat, 1). A T-head with DFL distances (`reg="dfl"`) adds
     Ultralytics' DFL term on its aligned distributions, weighted and normalised as the GIoU term (not the reference's:
-    its head has no distributions). DDP training steps all-reduce the factors. The recipe
-    (`tood_yolo.engine.recipe`) decides the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=`
-    gains, calibrated, under ultralytics) and the scale of the returned loss (`LossScale`). Recipe, gains and warm-up
-    come from the trainer's arguments, which Ultralytics attaches to the model as `model.args`, else from the model
-    YAML. Set `epoch` (a plain int) at every epoch start; `TOODTrainer` does.
+    its head has no distributions). DDP training steps all-reduce the factors. The run's recipe
+    (`Recipe`) decides the warm-up, the weights (the reference's 1 and 2 under mmdet; Ultralytics' `cls=` / `box=`
+    gains, calibrated, under ultralytics) and the scale of the returned loss (`LossScale`): `TOODTrainer` hands it over,
+    and without one the loss works it out from the model's `args` (which Ultralytics attaches) and YAML. Set `epoch` (a
+    plain int) at every epoch start; `TOODTrainer` does.
 
     Returns (when called with predictions and a batch): the loss to back-propagate and the detached
     {"loss_cls", "loss_bbox"} (and "loss_dfl") of the batch, as the reference logs them (weighted, per positive, not
@@ -112,23 +111,21 @@ class TOODLoss:
     def __init__(
         self,
         model: torch.nn.Module,
+        recipe: Recipe | None = None,
         topk: int = 13,
         alpha: float = 1.0,
         beta: float = 6.0,
         atss_topk: int = 9,
     ):
-        head, args, yaml = model.model[-1], getattr(model, "args", None), getattr(model, "yaml", None) or {}
+        head = model.model[-1]
         self.device = next(model.parameters()).device
         self.nc, self.stride = head.nc, head.stride
         self.anchor_offset = getattr(head, "anchor_offset", 0.5)  # Detect's anchor points sit at cell centres
-        self.detect_head = not isinstance(head, TOODHead)  # distances and logits to decode (the ablation's Detect)
+        self.detect_head = not getattr(head, "decoded", False)  # distances and logits to decode (the ablation's Detect)
         self.use_dfl = head.reg_max > 1  # what `bbox_decode` (v8's) reads
         self.proj = torch.arange(head.reg_max, dtype=torch.float, device=self.device)
         self.dfl_loss = DFLoss(head.dfl.c1) if getattr(head, "reg", "ltrb") == "dfl" else None
-        self.recipe = check_recipe(arg(args, "recipe") or recipe_of(yaml))
-        self.scale = LossScale(self.recipe)
-        self.gains = arg(args, "cls"), arg(args, "box"), arg(args, "dfl")
-        self.atss_warmup = ATSSWarmup.of(args, yaml, self.recipe)
+        self.recipe = recipe or Recipe.of(getattr(model, "args", None), getattr(model, "yaml", None) or {})
         self.assigner = TALAssigner(self.nc, topk=topk, alpha=alpha, beta=beta)
         self.initial_assigner = ATSSAssigner(self.nc, topk=atss_topk)
         self.epoch = 0
@@ -136,7 +133,7 @@ class TOODLoss:
     @property
     def warmup(self) -> bool:
         """Whether the current epoch uses the ATSS warm-up targets and losses."""
-        return self.atss_warmup.active(self.epoch)
+        return self.recipe.warmup.active(self.epoch)
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         preds = self.parse_output(preds)
@@ -144,7 +141,8 @@ class TOODLoss:
             boxes, scores = self.decode(preds)
             dists = preds["dists"].float().permute(0, 2, 1) if self.dfl_loss else None
             losses = self.loss(boxes, scores, preds["feats"], batch, dists)
-        return self.scale.scale(sum(losses.values()), boxes.shape[0]), {k: v.detach() for k, v in losses.items()}
+        total = self.recipe.loss_scale.scale(sum(losses.values()), boxes.shape[0])
+        return total, {k: v.detach() for k, v in losses.items()}
 
     def decode(self, preds: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A, 4) xyxy boxes in stride units and (B, A, C) probabilities from the head's training outputs.
@@ -212,7 +210,7 @@ class TOODLoss:
         sync = torch.is_grad_enabled() and scores.requires_grad
         cls_factor = reduce_mean(cls_factor, sync).clamp(min=1)
         box_factor = reduce_mean(box_weight.sum(), sync).clamp(min=1)
-        cls_weight, bbox_weight, dfl_weight = self.scale.weights(self.warmup, *self.gains)
+        cls_weight, bbox_weight, dfl_weight = self.recipe.weights.phase(self.warmup)
         losses = {"loss_cls": cls / cls_factor * cls_weight, "loss_bbox": box / box_factor * bbox_weight}
         if dists is not None:
             dfl = self.dfl_term(boxes[a.fg_mask], dists[a.fg_mask], target_boxes)
