@@ -86,7 +86,7 @@ MODELS = {
     "yolo11n-tood": (ROOT / "cfg/yolo11n-tood.yaml", "", "YOLO11n neck + T-head + TOOD loss", "TOODTrainer"),
     "yolo11n-tood-g8": (ROOT / "cfg/yolo11n-tood.yaml", ("anchor_free, 0.0, 32]]", "anchor_free, 0.0, 8]]"),
                         "YOLO11n neck + T-head (GroupNorm 8 groups) + TOOD loss", "TOODTrainer"),
-    # 2 inter convs instead of the paper's 6: the head that met the 1.15x latency goal (README, "Latency")
+    # 2 inter convs instead of the paper's 6: the head that met the 1.15x latency goal (docs/results.md)
     "yolo11n-tood-c2": (ROOT / "cfg/yolo11n-tood.yaml", ("[nc, 64, 6, 0, anchor_free", "[nc, 64, 2, 0, anchor_free"),
                         "YOLO11n neck + T-head (2 inter convs) + TOOD loss", "TOODTrainer"),
 }

@@ -536,5 +536,5 @@ def test_docs_carry_the_onnxruntime_section_verbatim():
     code = (ROOT / "tood_yolo" / "tools" / "deploy.py").read_text()
     start = code.index("# --- onnxruntime-only inference")
     section = code[code.index("\n", start) + 1 : code.index("# --- end of the onnxruntime-only section")].strip()
-    docs = (ROOT / "README.md").read_text()
-    assert section in docs, "README.md must carry deploy.py's onnxruntime-only section verbatim"
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    assert section in docs, "docs/deployment.md must carry deploy.py's onnxruntime-only section verbatim"

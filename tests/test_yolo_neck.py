@@ -186,7 +186,7 @@ def test_twin_config_is_ultralytics_model_with_only_the_head_swapped(name):
         assert [convs[0].conv.in_channels for convs in head.inter_convs] == widths
         return
     assert [p.conv.in_channels for p in head.proj] == widths
-    assert head.proj[0].gn.num_groups == 32  # the paper's group count (measured better than its group size: README)
+    assert head.proj[0].gn.num_groups == 32  # the paper's group count (better than its group size: docs/models.md)
 
 
 def test_yolo11n_tood_trains_validates_and_exports_at_320(tmp_path):

@@ -26,7 +26,7 @@ bound with which it still can. What goes is the tail of the detections (the boun
 of the unbounded one: a candidate's suppressors all score above it, so they are among the k best too). Greedy NMS
 costs more than linearly in k: on the main job's synthetic val (tood-n, 15,345 candidates per image at 384) k = 300
 took 1.5x yolov8n's post-processing and k = 1000 (the reference's `nms_pre`) 4x, for the same mAP50-95 as no bound
-(0.3918 and 0.3920 against 0.3920; benchmarks/postprocess.py, README).
+(0.3918 and 0.3920 against 0.3920; benchmarks/postprocess.py, docs/results.md).
 
 Which models: those with a T-head (`needs_bound`). A PyTorch model without one that is validated or predicted through
 TOOD's classes (Ultralytics' Detect in the ablation or the alignment study) keeps Ultralytics' cap, so that it is

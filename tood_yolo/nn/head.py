@@ -236,7 +236,7 @@ class TOODHead(Detect):
             "reg_decomp": TaskDecomposition(c, s, s * 8, g, norm, levels),
             "tood_cls": nn.Conv2d(c, nc, 3, padding=1),
             # 3x3, as the paper's: cheaper DFL predictors (a 1x1 conv, or a depthwise 3x3 + 1x1) lost 6-15 points of
-            # mAP50-95 on bccd val (README, "Results")
+            # mAP50-95 on bccd val (docs/results.md)
             "tood_reg": nn.Conv2d(c, 4 * DFL_BINS if self.reg == "dfl" else 4, 3, padding=1),
             # mmdet's names for M's and O's branches, kept for its checkpoints
             "cls_prob_module": nn.Sequential(

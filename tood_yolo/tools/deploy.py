@@ -1,6 +1,6 @@
 """Deployment helpers: fail-fast checks of live sources, sources prepared for predict, torch-free ONNX.
 
-What Ultralytics 8.4.190 already does, and what this module adds (see the Deployment section of README.md):
+What Ultralytics 8.4.190 already does, and what this module adds (see docs/deployment.md):
 
 - Webcam index (`source=0`): `LoadStreams` raises `ConnectionError("... Failed to open 0")` at once when no camera
   has that index. `check_webcam` says the same earlier and names the video devices that do exist.
@@ -14,7 +14,7 @@ What Ultralytics 8.4.190 already does, and what this module adds (see the Deploy
   log) frames FFmpeg cannot decode instead of ending the video there; Ultralytics' predictor accepts a loader object as
   `source`.
 - `detect_onnx` and the functions before it run an exported TOOD ONNX model with onnxruntime, numpy and OpenCV
-  alone: no torch, no Ultralytics. README.md carries that section verbatim (a test keeps them equal).
+  alone: no torch, no Ultralytics. docs/deployment.md carries that section verbatim (a test keeps them equal).
 
 This module imports neither torch nor Ultralytics at import time: it can be loaded by path where torch is absent.
 """
@@ -38,7 +38,7 @@ RATE_LOG_S = 10.0  # seconds between frame-rate lines while a long video or a li
 FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 
 
-# --- onnxruntime-only inference (verbatim in README.md; needs numpy, opencv-python, onnxruntime) ---
+# --- onnxruntime-only inference (verbatim in docs/deployment.md; needs numpy, opencv-python, onnxruntime) ---
 def letterbox(image, size=640, color=114):
     """Resize a BGR image to fit a size x size square and pad it, exactly as Ultralytics' LetterBox.
 

@@ -35,7 +35,7 @@ V8_GAINS = {"cls": 0.5, "box": 7.5, "dfl": 1.5}
 # mmdet's GFL weight of DFL beside GIoU x 2 (gfl_r50_fpn_1x_coco: loss_dfl 0.25, loss_bbox 2.0), so the two box terms
 # keep GFL's balance. In the order of `V8_GAINS`.
 TOOD_WEIGHTS = (1.0, 2.0, 0.25)
-# Gradient-norm calibration (benchmarks/calibrate_gains.py, README "Training: two recipes"): at init, on bccd train
+# Gradient-norm calibration (benchmarks/calibrate_gains.py, docs/training.md): at init, on bccd train
 # batches with Ultralytics' augmentation, the trunk's gradient norm of Detect + v8 loss is 12.0 +- 2.5 times that of the
 # T-head + TOOD loss in the ATSS warm-up (focal loss, alpha 0.25) and 1.51 +- 0.44 times in TAL (2 seeds x 3 batches).
 # TOOD's weights are multiplied by these per phase, so that lr0 means for a TOOD model what it means for YOLOv8.
@@ -222,7 +222,7 @@ RECIPES: dict[str, RecipeSpec] = {
     ),
     "ultralytics": RecipeSpec(
         overrides={},  # Ultralytics' defaults, untouched
-        # kept at 4 after 0 / 4 / 8 were measured on bccd val (README, "Ablation"); for scale, YOLOv6 v1/v2 use 4 of
+        # kept at 4 after 0 / 4 / 8 were measured on bccd val (docs/results.md); for scale, YOLOv6 v1/v2 use 4 of
         # 300-400 epochs (0 in v3), PP-YOLOE 100 of 300 and PP-YOLOE+ 30 of 80 (static_assigner_epoch)
         initial_epoch=4,
         loss_scale=LossScale(per_image=True),
