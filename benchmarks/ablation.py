@@ -114,6 +114,11 @@ MODELS["yolo11n-tood-bn-c2-dfl1"] = (*MODELS["yolo11n-tood-bn-c2-dfl"][:2],
 MODELS["yolo11n-tood-bn-c2-dfldw"] = (*MODELS["yolo11n-tood-bn-c2-dfl"][:2],
                                      MODELS["yolo11n-tood-bn-c2-dfl"][2] + ", depthwise 3x3 + 1x1 DFL predictor",
                                      "TOODTrainer")
+# The class predictor: YOLO11's depthwise 3x3 + 1x1 (cls_pred "dw") instead of the paper's 3x3 conv (the -dfl row)
+MODELS["yolo11n-tood-bn-c2-dfl-dw"] = (ROOT / "cfg/yolo11n-tood.yaml",
+                                      (TWIN_ROW, "[nc, 64, 2, 0, anchor_free, 0.0, 32, bn, level, dfl, dw]"),
+                                      MODELS["yolo11n-tood-bn-c2-dfl"][2] + ", depthwise class predictor",
+                                      "TOODTrainer")
 TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
 DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "coco128": ("train2017", "val2017")}
 PRESETS = {

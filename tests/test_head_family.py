@@ -13,24 +13,25 @@ from tood_yolo.nn.head import TOODHead
 from tood_yolo.nn.ops import ConvBNAct, PerLevel
 
 WIDTHS = [16, 32, 64]  # a YOLO neck's unequal widths, P3-P5
-# name: (norm, trunk, reg); the paper's head is ("gn", "shared", "ltrb")
+# name: (norm, trunk, reg[, cls_pred]); the paper's head is ("gn", "shared", "ltrb", "conv")
 VARIANTS = {
     "gn-dfl": ("gn", "shared", "dfl"),
     "sepbn": ("bn", "shared", "ltrb"),
     "bn-level": ("bn", "level", "ltrb"),
     "bn-level-dfl": ("bn", "level", "dfl"),
+    "bn-level-dfl-dw": ("bn", "level", "dfl", "dw"),
 }
 
 
-def _yaml(norm: str, trunk: str, reg: str, nc: int = 3) -> dict:
+def _yaml(norm: str, trunk: str, reg: str, cls_pred: str = "conv", nc: int = 3) -> dict:
     """A small backbone of stride-2 convs (P3-P5 of WIDTHS), then a T-head variant with 32 channels, 2 inter convs."""
     backbone = [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [8, 3, 2]]] + [[-1, 1, "Conv", [w, 3, 2]] for w in WIDTHS]
-    head = [[[2, 3, 4], 1, "TOODHead", ["nc", 32, 2, 0, "anchor_free", 0.0, 8, norm, trunk, reg]]]
+    head = [[[2, 3, 4], 1, "TOODHead", ["nc", 32, 2, 0, "anchor_free", 0.0, 8, norm, trunk, reg, cls_pred]]]
     return {"nc": nc, "backbone": backbone, "head": head}
 
 
-def _head(norm: str, trunk: str, reg: str, nc: int = 3) -> TOODHead:
-    head = TOODHead(nc, 32, 2, 0, "anchor_free", 0.0, 8, norm, trunk, reg, ch=tuple(WIDTHS))
+def _head(norm: str, trunk: str, reg: str, cls_pred: str = "conv", nc: int = 3) -> TOODHead:
+    head = TOODHead(nc, 32, 2, 0, "anchor_free", 0.0, 8, norm, trunk, reg, cls_pred, ch=tuple(WIDTHS))
     head.stride = torch.tensor([8.0, 16.0, 32.0])
     return head
 
@@ -65,9 +66,9 @@ def test_variant_builds_trains_a_step_and_exports_equal_outputs(name, tmp_path, 
     import onnxruntime as ort
     from ultralytics import YOLO
 
-    norm, trunk, reg = VARIANTS[name]
+    norm, trunk, reg, *_ = VARIANTS[name]
     cfg = tmp_path / f"tiny-{name}.yaml"
-    cfg.write_text(yaml.safe_dump(_yaml(norm, trunk, reg)))
+    cfg.write_text(yaml.safe_dump(_yaml(*VARIANTS[name])))
     model = YOLO(str(cfg))
     net = model.model
     net.args = {**net.args, "epochs": 8}  # the loss plans its ATSS warm-up from the run's epochs
@@ -103,7 +104,7 @@ def test_variant_builds_trains_a_step_and_exports_equal_outputs(name, tmp_path, 
         np.testing.assert_allclose(y_onnx, y, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["sepbn", "bn-level", "bn-level-dfl"])
+@pytest.mark.parametrize("name", ["sepbn", "bn-level", "bn-level-dfl", "bn-level-dfl-dw"])
 def test_fuse_folds_every_batchnorm_and_keeps_the_outputs(name):
     head = _head(*VARIANTS[name])
     _randomise_bn(head)
@@ -249,6 +250,8 @@ def test_dfl_term_is_the_distribution_focal_loss_from_each_sides_sampling_point(
         (dict(trunk="both"), "trunk must be one of"),
         (dict(reg="gfl"), "reg must be one of"),
         (dict(reg="dfl", anchor_type="anchor_based"), "needs anchor_free"),
+        (dict(cls_pred="1x1"), "cls_pred must be one of"),
+        (dict(cls_pred="dw", norm="bn"), "per-level BatchNorm trunks"),  # a shared trunk would share its BatchNorm
     ],
 )
 def test_arguments_outside_the_family_are_refused(args, match):

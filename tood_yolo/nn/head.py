@@ -15,9 +15,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ultralytics.nn.modules import Detect
+from ultralytics.nn.modules import Conv, Detect, DWConv
 from ultralytics.nn.modules.block import DFL
 from ultralytics.utils.tal import make_anchors
+from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from .ops import (
     ConvBNAct,
@@ -41,6 +42,7 @@ from .ops import (
 PRIOR_PROB = 0.01  # the reference's initial foreground probability (bias -4.595)
 TRUNKS = ("shared", "level")  # one trunk for all levels (the paper's), or a trunk per level
 REGS = ("ltrb", "dfl")  # the paper's exp(ltrb) distances, or DFL distributions (GFL, Ultralytics' Detect)
+CLS_PREDS = ("conv", "dw")  # the paper's 3x3 class predictor, or YOLO11's depthwise 3x3 + 1x1
 DFL_BINS = 16  # Ultralytics' reg_max: distances of 0-15 strides
 
 
@@ -130,16 +132,16 @@ class TOODHead(Detect):
     """TOOD's T-head: task-interactive features, task decomposition and the alignment maps M and O.
 
     YAML: `[[P3, P4, ...], 1, TOODHead, [nc, feat_channels, stacked_convs, num_dcn, anchor_type, anchor_offset,
-    norm_groups, norm, trunk, reg]]` like Ultralytics' `Detect` (any number of levels, any widths), or `[FPN, 1,
-    TOODHead, [...]]` on an FPN layer that returns the list of levels; the paper's head is `[nc, 256, 6, 0,
-    "anchor_free", 0.0, 32, "gn", "shared", "ltrb"]` (trailing arguments may be left out) and the input channels are
-    filled in by the model parser. In training `forward` returns a dict: "boxes" (B, 4, A) xyxy in stride units after
-    box alignment (the reference's `bbox_pred`), "scores" (B, nc, A) aligned probabilities sqrt(P * M), "feats" the
-    input maps, and with `reg="dfl"` "dists" (B, 4 * 16, A), the log-probabilities of the aligned distance
-    distributions. In eval it returns Ultralytics' (B, 4 + nc, A) tensor of xywh pixel boxes and scores (and the dict,
-    unless exporting).
+    norm_groups, norm, trunk, reg, cls_pred]]` like Ultralytics' `Detect` (any number of levels, any widths), or
+    `[FPN, 1, TOODHead, [...]]` on an FPN layer that returns the list of levels; the paper's head is `[nc, 256, 6,
+    0, "anchor_free", 0.0, 32, "gn", "shared", "ltrb", "conv"]` (trailing arguments may be left out) and the input
+    channels are filled in by the model parser. In training `forward` returns a dict: "boxes" (B, 4, A) xyxy in
+    stride units after box alignment (the reference's `bbox_pred`), "scores" (B, nc, A) aligned probabilities
+    sqrt(P * M), "feats" the input maps, and with `reg="dfl"` "dists" (B, 4 * 16, A), the log-probabilities of the
+    aligned distance distributions. In eval it returns Ultralytics' (B, 4 + nc, A) tensor of xywh pixel boxes and scores
+    (and the dict, unless exporting).
 
-    The family, chosen by the last three arguments (defaults: the paper's):
+    The family, chosen by the last four arguments (defaults: the paper's):
     - `norm`: "gn", GroupNorm + ReLU (the paper's); or "bn", BatchNorm + SiLU as YOLO heads, one BatchNorm per level
       (on a shared trunk that is RTMDet's SepBN: shared conv weights, per-level statistics). BatchNorm folds into the
       convs in Ultralytics' `fuse()` and so at export; GroupNorm cannot.
@@ -148,6 +150,9 @@ class TOODHead(Detect):
     - `reg`: "ltrb", exp distances times a learnt per-level scale (the paper's); or "dfl", a distribution of 16 bins per
       side (GFL, Ultralytics' `DFL`) from the paper's 3x3 predictor: O samples each side's distribution at that
       side's offset, and TOOD's loss adds Ultralytics' DFL term.
+    - `cls_pred`: "conv", the paper's 3x3 conv to the class logits; or "dw" (per-level trunks only), YOLO11's
+      depthwise 3x3 + BatchNorm + SiLU, then a 1x1 conv to the logits: at 80 classes the 3x3 conv at P3 was the
+      head's largest single cost in ONNX Runtime (`benchmarks/ort_profile.py`).
 
     With a shared trunk all levels must reach it with one width. An FPN's levels already have it and feed the first
     inter conv directly, as the reference. Levels of unequal widths (a YOLO neck's P3-P5) are each projected to
@@ -176,15 +181,17 @@ class TOODHead(Detect):
         norm: str = "gn",
         trunk: str = "shared",
         reg: str = "ltrb",
+        cls_pred: str = "conv",
         ch: tuple[int, ...] = (),
     ):
         nn.Module.__init__(self)  # Detect's own convs are not built: the T-head replaces them
-        self._check_args(feat_channels, stacked_convs, num_dcn, anchor_type, norm_groups, norm, trunk, reg, ch)
+        self._check_args(c=feat_channels, stacked_convs=stacked_convs, num_dcn=num_dcn, anchor_type=anchor_type,
+                         norm_groups=norm_groups, norm=norm, trunk=trunk, reg=reg, cls_pred=cls_pred, ch=ch)
         self.nc, self.nl, self.reg_max, self.no = nc, len(ch), 1, nc + 4  # reg_max 1: the head outputs boxes
         self.stride = torch.zeros(self.nl)
         self.feat_channels, self.stacked_convs, self.num_dcn = feat_channels, stacked_convs, num_dcn
         self.anchor_type, self.anchor_offset = anchor_type, float(anchor_offset)
-        self.norm, self.trunk, self.reg = norm, trunk, reg
+        self.norm, self.trunk, self.reg, self.cls_pred = norm, trunk, reg, cls_pred
         self.dfl = DFL(DFL_BINS) if reg == "dfl" else nn.Identity()
         c, g = feat_channels, norm_groups
         if trunk == "shared":
@@ -201,13 +208,16 @@ class TOODHead(Detect):
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(self.nl) if reg == "ltrb")  # DFL bins are in strides
         self.init_weights()
 
-    def _check_args(self, c, stacked_convs, num_dcn, anchor_type, norm_groups, norm, trunk, reg, ch) -> None:
+    def _check_args(self, c, stacked_convs, num_dcn, anchor_type, norm_groups, norm, trunk, reg, cls_pred, ch) -> None:
         """A clear error for each argument outside the family."""
         choices = {"anchor_type": (anchor_type, ("anchor_free", "anchor_based")), "norm": (norm, ("gn", "bn")),
-                   "trunk": (trunk, TRUNKS), "reg": (reg, REGS)}
+                   "trunk": (trunk, TRUNKS), "reg": (reg, REGS), "cls_pred": (cls_pred, CLS_PREDS)}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"TOODHead {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if cls_pred == "dw" and (trunk, norm) != ("level", "bn"):
+            raise ValueError("TOODHead cls_pred='dw' is built for per-level BatchNorm trunks (trunk='level', "
+                             "norm='bn'): its BatchNorm would be shared by the levels of a shared trunk")
         if reg == "dfl" and anchor_type != "anchor_free":
             raise ValueError("TOODHead reg='dfl' predicts distances from anchor points: it needs anchor_free")
         if stacked_convs < 1:
@@ -234,7 +244,8 @@ class TOODHead(Detect):
             ),
             "cls_decomp": TaskDecomposition(c, s, s * 8, g, norm, levels),
             "reg_decomp": TaskDecomposition(c, s, s * 8, g, norm, levels),
-            "tood_cls": nn.Conv2d(c, nc, 3, padding=1),
+            "tood_cls": (nn.Sequential(DWConv(c, c, 3), nn.Conv2d(c, nc, 1)) if self.cls_pred == "dw"
+                         else nn.Conv2d(c, nc, 3, padding=1)),
             # 3x3, as the paper's: cheaper DFL predictors (a 1x1 conv, or a depthwise 3x3 + 1x1) lost 6-15 points of
             # mAP50-95 on bccd val (docs/results.md)
             "tood_reg": nn.Conv2d(c, 4 * DFL_BINS if self.reg == "dfl" else 4, 3, padding=1),
@@ -252,7 +263,7 @@ class TOODHead(Detect):
         multi-input form, `proj` (their levels had one width)."""
         super().__setstate__(state)
         self._modules.setdefault("proj", nn.ModuleList())
-        for k, v in (("norm", "gn"), ("trunk", "shared"), ("reg", "ltrb")):
+        for k, v in (("norm", "gn"), ("trunk", "shared"), ("reg", "ltrb"), ("cls_pred", "conv")):
             self.__dict__.setdefault(k, v)
 
     @property
@@ -287,7 +298,7 @@ class TOODHead(Detect):
                     normal(m, 0.001)
             normal(decomp.reduction_conv, 0.01)
         for m in every(self.tood_cls):
-            normal(m, 0.01, bias_cls)
+            normal(m[-1] if isinstance(m, nn.Sequential) else m, 0.01, bias_cls)  # "dw": DWConv keeps its own init
         for m in every(self.tood_reg):
             normal(m, 0.01)
 
@@ -452,7 +463,11 @@ class TOODHead(Detect):
         for m in list(self.modules()):
             if isinstance(m, (ConvBNAct, TaskDecomposition)):
                 m.fuse()
+            elif isinstance(m, Conv) and hasattr(m, "bn"):  # the "dw" class predictor, folded as Ultralytics folds it
+                m.conv = fuse_conv_and_bn(m.conv, m.bn)
+                delattr(m, "bn")
+                m.forward = m.forward_fuse
 
     def is_fused(self) -> bool:
         """Whether `fuse` has nothing left to fold."""
-        return not any(isinstance(m, (ConvBNAct, TaskDecomposition)) and hasattr(m, "bn") for m in self.modules())
+        return not any(isinstance(m, (ConvBNAct, TaskDecomposition, Conv)) and hasattr(m, "bn") for m in self.modules())
