@@ -39,7 +39,7 @@ def spread_model(cfg: str, tmp_path: Path) -> YOLO:
     head = model.model.model[-1]
     for convs, gain in ((head.tood_cls, 2), (head.cls_prob_module, 2), (head.tood_reg, 1), (head.reg_offset_module, 2)):
         for conv in every(convs):  # one per level for per-level trunks
-            conv = conv[2] if isinstance(conv, torch.nn.Sequential) else conv  # M's and O's last conv
+            conv = conv[-1] if isinstance(conv, torch.nn.Sequential) else conv  # M's and O's (and a "dw" P's) last conv
             torch.nn.init.normal_(conv.weight, 0, gain / conv.weight[0].numel() ** 0.5)
             torch.nn.init.zeros_(conv.bias)
     return model
