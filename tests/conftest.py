@@ -66,6 +66,30 @@ def no_network(monkeypatch) -> list[str]:
     return attempts
 
 
+@pytest.fixture
+def ddp_worker_prints() -> callable:
+    """Return a function that runs the script Ultralytics' DDP launcher writes for `trainer`, with its final
+    `trainer.train()` replaced by a print of `expression` (the rest runs as written), and returns the printed words."""
+    import subprocess
+    import sys
+
+    from ultralytics.utils.dist import generate_ddp_file
+
+    def run(trainer, expression: str) -> list[str]:
+        file = Path(generate_ddp_file(trainer))
+        script = file.read_text().replace("trainer.train()", f"print({expression})")
+        env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}
+        try:
+            p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        finally:
+            file.unlink()
+            file.with_suffix(".pt").unlink()
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout.split()
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def offline_env(tmp_path_factory) -> dict:
     """Environment for subprocesses (`yolo`, train.py, `python -m tood_yolo...`): offline Ultralytics, verbose, with

@@ -6,7 +6,6 @@ default configuration."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,22 +50,15 @@ def test_tune_trains_its_trial_in_a_child_process(model, loss_key, recipe, offli
     assert not log.exists(), log.read_text()
 
 
-def test_ddp_script_of_an_ultralytics_model_carries_tood_arguments(shared_data, tmp_path):
+def test_ddp_script_of_an_ultralytics_model_carries_tood_arguments(shared_data, ddp_worker_prints, tmp_path):
     """The DDP launcher's script rebuilds Ultralytics' own trainer from every argument of the run, TOOD's included (the
     TOOD trainer's case: tests/test_train.py). Only `trainer.train()` is left out: it needs several GPUs."""
-    from ultralytics.utils.dist import generate_ddp_file
-
     coco8 = shared_data("coco8")
     trainer = DetectionTrainer(overrides={"model": "yolo11n.yaml", "data": str(coco8 / "data.yaml"), "batch": 4,
                                           "project": str(tmp_path), "device": "cpu", "lr0": 0.02})
     assert {"recipe", "initial_epoch"} <= set(vars(trainer.args))
     trainer.model = trainer.get_model(cfg="yolo11n.yaml", verbose=False)
-    file = Path(generate_ddp_file(trainer))
-    script = file.read_text().replace("trainer.train()", (
-        "print(type(trainer).__name__, type(trainer.model.model[-1]).__name__, trainer.args.lr0, trainer.args.recipe)"))
-    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false"}
-    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    file.unlink()
-    file.with_suffix(".pt").unlink()
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split()[-4:] == ["DetectionTrainer", "Detect", "0.02", "None"]
+    printed = ddp_worker_prints(
+        trainer, "type(trainer).__name__, type(trainer.model.model[-1]).__name__, trainer.args.lr0, trainer.args.recipe"
+    )
+    assert printed[-4:] == ["DetectionTrainer", "Detect", "0.02", "None"]
