@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/ablation.py [preset=cpu|quick|gpu] [epochs=] [imgsz=] [batch=] [seeds=0,1,2]
-                                  [datasets=bccd,synthetic,coco128] [models=detect-v8,...] [split=] [device=] [report]
+                                  [datasets=bccd,synthetic,large,coco128] [models=detect-v8,...] [split=] [device=]
+                                  [curve=1] [report]
 
 Every model shares tood-n's backbone (C2f, width 0.25, depth 0.33) and FPN (P3-P7, 64 channels); only the head and the
 loss change. All cells train under the `ultralytics` recipe (Ultralytics' defaults: optimizer=auto, lr0, nbs=64
@@ -26,6 +27,11 @@ CPU; `quick` 1 epoch, seed 0, imgsz 128 (a smoke run, written to runs/ablation-q
 evaluation split (`tood_yolo.tools.analysis.alignment_study`: conf 0.001, iou 0.7, max_det 300, rect batches, no NMS
 time limit) gives mAP50-95, mAP50 and TOOD's alignment study (rank correlation of score and IoU over each GT's top-50
 pre-NMS predictions, mean IoU of the top-10, and correct / redundant / error detections after NMS).
+
+`datasets=large` is the synthetic generator's large-object layout (1-3 objects of 35-100 % of the image; train 256 /
+val 64 / test 64 at imgsz 256, `tood_yolo.data.synthetic`), the regime where the T-head was found weak (issue 28).
+`curve=1` validates on the val split after every epoch (Ultralytics' validation in training) and records each epoch's mAP50-95 (the row's `curve`,
+and its steadiness in the table: the mean drop between consecutive epochs, and the spread of the last 5).
 
 `split=val` evaluates on the validation split instead (for choices such as the warm-up, written to runs/ablation-val).
 Each run's result is saved as it finishes (runs/ablation/runs/<dataset>-<model>-s<seed>.json) and reused by a rerun with
@@ -119,8 +125,12 @@ MODELS["yolo11n-tood-bn-c2-dfl-dw"] = (ROOT / "cfg/yolo11n-tood.yaml",
                                       (TWIN_ROW, "[nc, 64, 2, 0, anchor_free, 0.0, 32, bn, level, dfl, dw]"),
                                       MODELS["yolo11n-tood-bn-c2-dfl"][2] + ", depthwise class predictor",
                                       "TOODTrainer")
+# The product's config as shipped (cfg/yolo11n-tood-bn.yaml), and training choices on it for the large-object study
+MODELS["yolo11n-tood-bn"] = (ROOT / "cfg/yolo11n-tood-bn.yaml", "", "YOLO11n neck + T-head as shipped (bn, level trunk, "
+                             "2 inter convs, dfl, dw class predictor) + TOOD loss", "TOODTrainer")
 TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
-DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "coco128": ("train2017", "val2017")}
+DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "large": ("train", "test"),
+            "coco128": ("train2017", "val2017")}
 PRESETS = {
     "cpu": {"epochs": 20, "imgsz": 256, "batch": 16, "seeds": "0,1,2", "datasets": "bccd", "device": "cpu"},
     "quick": {"epochs": 1, "imgsz": 128, "batch": 8, "seeds": "0", "datasets": "bccd", "device": "cpu"},
@@ -128,7 +138,8 @@ PRESETS = {
 }
 USAGE = (
     "python benchmarks/ablation.py [preset=cpu|quick|gpu] [epochs=N] [imgsz=N] [batch=N] [seeds=0,1,2] "
-    "[datasets=bccd,synthetic,coco128] [models=detect-v8,detect-tood,thead-v8,thead-tood] [split=test] [device=cpu]"
+    "[datasets=bccd,synthetic,large,coco128] [models=detect-v8,detect-tood,thead-v8,thead-tood] [split=test] "
+    "[device=cpu] [curve=1]"
 )
 # Only what makes runs comparable and reproducible; the rest is the `ultralytics` recipe (Ultralytics' defaults)
 FIXED = {"recipe": "ultralytics", "deterministic": True, "val": False, "plots": False, "amp": False, "exist_ok": True}
@@ -144,14 +155,15 @@ def parse_args(argv: list[str]) -> dict:
             k, v = "preset", k
         if not sep and k == "report":
             k, v = "report", True
-        if k not in {"preset", "models", "split", "report", *PRESETS["cpu"]}:
+        if k not in {"preset", "models", "split", "report", "curve", *PRESETS["cpu"]}:
             raise SystemExit(f"unknown argument {a!r}; usage: {USAGE}")
         given[k] = v
     preset = given.pop("preset", "cpu")
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    args = {"preset": preset, "models": ",".join(TWO_BY_TWO), "split": None, "report": False, **PRESETS[preset],
-            **given}
+    args = {"preset": preset, "models": ",".join(TWO_BY_TWO), "split": None, "report": False, "curve": False,
+            **PRESETS[preset], **given}
+    args["curve"] = str(args["curve"]).lower() in {"1", "true", "yes"}
     for k in ("epochs", "imgsz", "batch"):
         if not str(args[k]).isdigit():
             raise SystemExit(f"{k} needs a positive integer, e.g. {k}={PRESETS['cpu'][k]}; usage: {USAGE}")
@@ -170,6 +182,9 @@ def prepare_data(name: str) -> Path:
     """The data.yaml of a writable copy of the dataset (Ultralytics writes *.cache files beside the labels)."""
     if name == "synthetic":  # the same set as `python train.py` makes (reused if it is already there)
         return make_synthetic_dataset(ROOT / "datasets" / "synthetic", n_train=256, n_val=64, imgsz=256)
+    if name == "large":  # a test split beside val: choices on val, the report on test
+        return make_synthetic_dataset(ROOT / "datasets" / "synthetic-large", n_train=256, n_val=64, n_test=64, imgsz=256,
+                                      layout="large")
     dst = DATA_DIR / name
     if not (dst / "data.yaml").exists():
         src = SHARED / name
@@ -212,10 +227,15 @@ def run_one(dataset: str, data: Path, name: str, seed: int, args: dict, project:
     trainer = MODELS[name][3]
     run = f"{dataset}-{name}-s{seed}"
     model = YOLO(str(model_yaml(name, project)))
+    split = args["split"] or DATASETS[dataset][1]
+    curve = []  # mAP50-95 on the data's val split after each epoch (curve=1), as Ultralytics validates in training
+    if args["curve"]:
+        model.add_callback("on_fit_epoch_end", lambda tr: curve.append(round(tr.metrics["metrics/mAP50-95(B)"], 4)))
     t0 = time.perf_counter()
     model.train(data=str(data), epochs=args["epochs"], imgsz=args["imgsz"], batch=args["batch"], seed=seed,
                 device=args["device"], workers=0 if args["device"] == "cpu" else 8, project=str(project), name=run,
-                **FIXED, **(MODELS[name][4] if len(MODELS[name]) > 4 else {}))
+                **{**FIXED, **({"val": True} if args["curve"] else {})},
+                **(MODELS[name][4] if len(MODELS[name]) > 4 else {}))
     train_s = time.perf_counter() - t0
     tr = model.trainer
     if type(tr).__name__ != trainer:
@@ -223,7 +243,6 @@ def run_one(dataset: str, data: Path, name: str, seed: int, args: dict, project:
     recipe = {"optimizer": tr.args.optimizer, "lr0": tr.args.lr0, "nbs": tr.args.nbs,
               "accumulate": tr.accumulate, "mosaic": tr.args.mosaic, "close_mosaic": tr.args.close_mosaic}
     criterion = tr.model.criterion
-    split = args["split"] or DATASETS[dataset][1]
     t0 = time.perf_counter()
     trained = YOLO(str(tr.last))
     result = evaluate(trained, data, split, args)
@@ -232,7 +251,7 @@ def run_one(dataset: str, data: Path, name: str, seed: int, args: dict, project:
         "dataset": dataset, "model": name, "head_loss": MODELS[name][2], "seed": seed, "trainer": trainer,
         "loss": type(criterion).__name__, "initial_epoch": warmup.epochs if warmup else None,
         "params": count_params(trained.model), "head_params": count_params(trained.model.model[-1]),
-        "eval_split": split, **result, "recipe": recipe,
+        "eval_split": split, **result, **steadiness(curve), "curve": curve, "recipe": recipe,
         "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -251,6 +270,15 @@ def evaluate(model: YOLO, data: Path, split: str, args: dict) -> dict:
     }
 
 
+def steadiness(curve: list[float]) -> dict:
+    """How steadily mAP50-95 climbs over the epochs: the mean drop between consecutive epochs (0 for a curve that
+    never falls) and the sample spread of the last 5 epochs."""
+    if len(curve) < 5:
+        return {"mean_drop": None, "last5_std": None}
+    drops = [max(a - b, 0.0) for a, b in zip(curve, curve[1:])]
+    return {"mean_drop": statistics.mean(drops), "last5_std": statistics.stdev(curve[-5:])}
+
+
 STATS = (
     ("map50_95", "mAP50-95", ".3f"),
     ("map50", "mAP50", ".3f"),
@@ -259,6 +287,8 @@ STATS = (
     ("correct_pct", "correct %", ".1f"),
     ("redundant_pct", "redundant %", ".1f"),
     ("error_pct", "error %", ".1f"),
+    ("mean_drop", "curve mean drop", ".3f"),
+    ("last5_std", "last-5 std", ".3f"),
 )
 
 
@@ -282,7 +312,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['dataset']} ({r['eval_split']}) | {r['model']} | {r['head_loss']} | {len(g)} | "
             f"{r['params'] / 1e6:.2f}M ({r['head_params'] / 1e6:.2f}M) | "
-            + " | ".join(mean_std([x[key] for x in g], spec) for key, _, spec in STATS)
+            + " | ".join(mean_std([x.get(key) for x in g], spec) for key, _, spec in STATS)
             + f" | {statistics.mean(x['train_s'] for x in g) / 60:.1f} |\n"
         )
     return head + "".join(lines)
@@ -309,6 +339,8 @@ def main(argv: list[str]) -> list[dict]:
     saved = project / "runs"
     saved.mkdir(parents=True, exist_ok=True)
     settings = {k: args[k] for k in ("epochs", "imgsz", "batch", "split", "device")}
+    if args["curve"]:  # runs without a curve stay valid for the settings they ran with
+        settings["curve"] = True
     rows, t_start = [], time.perf_counter()
     for dataset in args["datasets"]:
         data = prepare_data(dataset)

@@ -13,8 +13,13 @@ Rendering is exact coverage anti-aliasing (4x supersampled inside each shape's b
 outside its label box. Every image comes from its own generator seeded by (seed, split, index), so datasets are
 reproducible and a larger one starts with the images of a smaller one.
 
+Two layouts (`LAYOUTS`): `shapes`, the main job's set described above, and `large`, 1-3 objects of 35-100 % of the
+image (boxes ~25-90 % of its side), the held-out regime of large objects on which the T-head was found weak (issue 28);
+its images come from streams of their own. An optional `test` split (`n_test`) holds images no training or choice sees.
+
 Usage:
-    python -m tood_yolo.data.synthetic [root] [n_train=256] [n_val=64] [imgsz=320] [seed=0] [overwrite=False]
+    python -m tood_yolo.data.synthetic [root] [n_train=256] [n_val=64] [n_test=0] [imgsz=320] [seed=0]
+                                       [layout=shapes|large] [overwrite=False]
 """
 
 from __future__ import annotations
@@ -33,10 +38,23 @@ CLASS_NAMES: tuple[str, ...] = ("circle", "rectangle", "triangle", "ring", "cros
 DEFAULT_ROOT = Path("datasets/synthetic")
 MANIFEST = "synthetic.json"
 GENERATOR_VERSION = 1  # bump whenever the output changes, so datasets made by older code are regenerated
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # the index of a split seeds its images: new splits go at the end
 
-MAX_OBJECTS = 8
-SIZE_RANGE = (0.045, 0.45)  # circumscribed diameter as a fraction of imgsz: ~14 px to ~144 px at imgsz 320
+
+@dataclass(frozen=True)
+class Layout:
+    """How many objects an image holds (1 to `max_objects`) and how large they are (`size_range`: the circumscribed
+    diameter as a fraction of imgsz, drawn log-uniform)."""
+
+    max_objects: int
+    size_range: tuple[float, float]
+
+
+LAYOUTS = {
+    "shapes": Layout(8, (0.045, 0.45)),  # ~14 px to ~144 px at imgsz 320: small and medium objects, often crowded
+    "large": Layout(3, (0.35, 1.0)),  # ~112 px to the whole image at 320: few, large objects
+}
+MAX_OBJECTS = LAYOUTS["shapes"].max_objects
 OVERLAP_P = 0.25  # chance that an object after the first is aimed at an earlier one
 MIN_VISIBLE = 0.5  # stricter than "drop what is more than 60 % hidden": an amodal box needs enough evidence
 MIN_CONTRAST = 70.0  # RGB distance of an object colour from the background under it and from shapes it overlaps
@@ -255,15 +273,18 @@ def _pick_color(rng: np.random.Generator, shape: Shape, background: np.ndarray, 
     return replace(shape, color=best)
 
 
-def make_scene(seed: int, split: str, index: int, imgsz: int = 320) -> Scene:
-    """Return the scene of image `index` of `split`; each image has its own random stream, so order never matters."""
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+def make_scene(seed: int, split: str, index: int, imgsz: int = 320, layout: str = "shapes") -> Scene:
+    """Return the scene of image `index` of `split`; each image has its own random stream, so order never matters.
+    A layout other than `shapes` adds its index to the stream's key, so its images share none of the `shapes` set's."""
+    key = [seed, SPLITS.index(split), index] + ([list(LAYOUTS).index(layout)] if layout != "shapes" else [])
+    rng = np.random.default_rng(key)
     texture = _texture(rng, imgsz)
     background = np.clip(np.round(texture), 0, 255).astype(np.uint8)
     _draw_clutter(rng, background)
-    lo, hi = (f * imgsz for f in SIZE_RANGE)
+    lo, hi = (f * imgsz for f in LAYOUTS[layout].size_range)
     # log-uniform sizes spread small and large evenly; placing large ones first lets them fit in crowded images
-    sizes = sorted(np.exp(rng.uniform(math.log(lo), math.log(hi), int(rng.integers(1, MAX_OBJECTS + 1)))))
+    n = int(rng.integers(1, LAYOUTS[layout].max_objects + 1))
+    sizes = sorted(np.exp(rng.uniform(math.log(lo), math.log(hi), n)))
     shapes: list[Shape] = []
     for size in reversed(sizes):
         shape = _place(rng, shapes, float(size), imgsz)
@@ -273,10 +294,16 @@ def make_scene(seed: int, split: str, index: int, imgsz: int = 320) -> Scene:
     return Scene(background, shapes, noise)
 
 
-def _data_yaml(root: Path) -> str:
+def _data_yaml(root: Path, test: bool = False) -> str:
     """Return the data.yaml text; json quoting makes any path a valid YAML string."""
     names = "".join(f"  {i}: {n}\n" for i, n in enumerate(CLASS_NAMES))
-    return f"path: {json.dumps(str(root))}\ntrain: images/train\nval: images/val\nnames:\n{names}"
+    splits = "train: images/train\nval: images/val\n" + ("test: images/test\n" if test else "")
+    return f"path: {json.dumps(str(root))}\n{splits}names:\n{names}"
+
+
+def _counts(params: dict) -> dict[str, int]:
+    """The number of images of each split a dataset with `params` holds (`n_test` 0: no test split)."""
+    return {s: n for s in SPLITS if (n := params.get(f"n_{s}", 0))}
 
 
 def _is_complete(root: Path, params: dict) -> bool:
@@ -287,10 +314,9 @@ def _is_complete(root: Path, params: dict) -> bool:
         return False
     if manifest != {"version": GENERATOR_VERSION, "params": params, "complete": True}:
         return False
-    counts = {"train": params["n_train"], "val": params["n_val"]}
     return all(
         len(list((root / kind / split).glob(pattern))) == n
-        for split, n in counts.items()
+        for split, n in _counts(params).items()
         for kind, pattern in (("images", "*.jpg"), ("labels", "*.txt"))
     )
 
@@ -306,13 +332,13 @@ def _clear(root: Path, overwrite: bool) -> None:
         (root / "labels" / f"{split}.cache").unlink(missing_ok=True)
 
 
-def _write_split(root: Path, split: str, n: int, imgsz: int, seed: int) -> None:
+def _write_split(root: Path, split: str, n: int, imgsz: int, seed: int, layout: str) -> None:
     """Render and save `n` images and their label files."""
     images, labels = root / "images" / split, root / "labels" / split
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
     for i in range(n):
-        scene = make_scene(seed, split, i, imgsz)
+        scene = make_scene(seed, split, i, imgsz, layout)
         cv2.imwrite(str(images / f"{i:06d}.jpg"), scene.render(), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         (labels / f"{i:06d}.txt").write_text("".join(f"{line}\n" for line in label_lines(scene.shapes, imgsz)))
 
@@ -324,28 +350,36 @@ def make_synthetic_dataset(
     imgsz: int = 320,
     seed: int = 0,
     overwrite: bool = False,
+    n_test: int = 0,
+    layout: str = "shapes",
 ) -> Path:
     """Write a YOLO-format shapes dataset under `root` (or reuse the one there) and return its data.yaml path.
 
     A finished dataset with the same parameters and generator version is reused as is; anything else this module
     made is regenerated. A folder holding some other dataset is only replaced with overwrite=True.
     """
-    if n_train < 1 or n_val < 1 or imgsz < 64:
-        raise ValueError(f"need n_train >= 1, n_val >= 1 and imgsz >= 64, got {n_train}, {n_val}, {imgsz}")
+    if n_train < 1 or n_val < 1 or n_test < 0 or imgsz < 64:
+        raise ValueError(f"need n_train >= 1, n_val >= 1, n_test >= 0 and imgsz >= 64, got {n_train}, {n_val}, "
+                         f"{n_test}, {imgsz}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     root = Path(root).resolve()
     yaml_path = root / "data.yaml"
     params = {"n_train": n_train, "n_val": n_val, "imgsz": imgsz, "seed": seed}
+    if n_test or layout != "shapes":  # the main job's set keeps the manifest it always had
+        params |= {"n_test": n_test, "layout": layout}
+    text = _data_yaml(root, test=n_test > 0)
     if not overwrite and _is_complete(root, params):
-        if not yaml_path.exists() or yaml_path.read_text() != _data_yaml(root):  # the folder was moved
-            yaml_path.write_text(_data_yaml(root))
+        if not yaml_path.exists() or yaml_path.read_text() != text:  # the folder was moved
+            yaml_path.write_text(text)
         return yaml_path
     _clear(root, overwrite)
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"version": GENERATOR_VERSION, "params": params, "complete": False}
     (root / MANIFEST).write_text(json.dumps(manifest))  # claims the folder first, so an interrupted run is redone
-    for split, n in (("train", n_train), ("val", n_val)):
-        _write_split(root, split, n, imgsz, seed)
-    yaml_path.write_text(_data_yaml(root))
+    for split, n in _counts(params).items():
+        _write_split(root, split, n, imgsz, seed, layout)
+    yaml_path.write_text(text)
     (root / MANIFEST).write_text(json.dumps({**manifest, "complete": True}))
     return yaml_path
 
@@ -358,8 +392,10 @@ def main(argv: list[str] | None = None) -> None:
         key, sep, value = arg.partition("=")
         if not sep:
             kwargs["root"] = arg
-        elif key in ("n_train", "n_val", "imgsz", "seed"):
+        elif key in ("n_train", "n_val", "n_test", "imgsz", "seed"):
             kwargs[key] = int(value)
+        elif key == "layout":
+            kwargs[key] = value
         elif key == "overwrite":
             kwargs[key] = value.lower() in ("1", "true", "yes")
         else:
