@@ -128,6 +128,16 @@ MODELS["yolo11n-tood-bn-c2-dfl-dw"] = (ROOT / "cfg/yolo11n-tood.yaml",
 # The product's config as shipped (cfg/yolo11n-tood-bn.yaml), and training choices on it for the large-object study
 MODELS["yolo11n-tood-bn"] = (ROOT / "cfg/yolo11n-tood-bn.yaml", "", "YOLO11n neck + T-head as shipped (bn, level trunk, "
                              "2 inter convs, dfl, dw class predictor) + TOOD loss", "TOODTrainer")
+_SHIPPED, _ROW = MODELS["yolo11n-tood-bn"], "anchor_free, 0.0, 32, bn, level, dfl, dw]"
+for _name, _extra, _what, *_args in (
+    ("-v8", "loss: v8", "under Ultralytics' v8 loss"),
+    ("-w0", "", "no ATSS warm-up", {"initial_epoch": 0}),
+    ("-w1", "", "1 ATSS warm-up epoch", {"initial_epoch": 1}),
+    ("-tal10", "tal: {topk: 10, alpha: 0.5}", "TAL topk 10, alpha 0.5 (Ultralytics' values)"),
+    ("-o5", (_ROW, _ROW.replace("0.0", "0.5")), "anchor points at cell centres (offset 0.5, as Detect)"),
+    ("-c3", (_ROW, _ROW.replace("dw]", "conv]")), "the paper's 3x3 class predictor"),
+):
+    MODELS["yolo11n-tood-bn" + _name] = (_SHIPPED[0], _extra, f"{_SHIPPED[2]}, {_what}", "TOODTrainer", *_args)
 TWO_BY_TWO = ("detect-v8", "detect-tood", "thead-v8", "thead-tood")
 DATASETS = {"bccd": ("train", "test"), "synthetic": ("train", "val"), "large": ("train", "test"),
             "coco128": ("train2017", "val2017")}

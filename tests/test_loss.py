@@ -330,3 +330,21 @@ def test_hand_worked_batch_has_the_hand_worked_atss_positives():
         got.setdefault((i, int(a.gt_idx[i, j])), []).append(j)
     expected = {key: sorted(_hand_anchor(*anchor) for anchor in v) for key, v in HAND_POSITIVES.items()}
     assert got == expected
+
+
+def test_yaml_tal_mapping_reaches_the_assigner_and_bad_keys_fail():
+    """`tal:` in a model YAML sets TAL's top-k / alpha / beta of TOOD's loss (the large-object study's rows); absent, the
+    paper's 13 / 1.0 / 6.0; an unknown key is refused with the keys it may hold."""
+    from pathlib import Path
+
+    import yaml
+
+    from tood_yolo.nn.model import TOODDetectionModel
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "cfg/tood-n.yaml").read_text())
+    default = TOODDetectionModel(dict(cfg), nc=3, verbose=False).init_criterion().assigner
+    assert (default.topk, default.alpha, default.beta) == (13, 1.0, 6.0)
+    tal = TOODDetectionModel({**cfg, "tal": {"topk": 10, "alpha": 0.5}}, nc=3, verbose=False).init_criterion().assigner
+    assert (tal.topk, tal.alpha, tal.beta) == (10, 0.5, 6.0)
+    with pytest.raises(ValueError, match="topk, alpha, beta"):
+        TOODDetectionModel({**cfg, "tal": {"k": 10}}, nc=3, verbose=False).init_criterion()

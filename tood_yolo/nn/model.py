@@ -34,6 +34,7 @@ TOOD_MODULES: dict[str, type[nn.Module]] = {"ResNet": ResNet, "FPN": FPN, "TOODH
 # stride up to P7's 128 that leaves P7 a 2x2 map
 PROBE_SIZE = 256
 LOSSES = ("tood", "v8")
+TAL_KEYS = ("topk", "alpha", "beta")  # what a YAML's `tal:` may set (TOODLoss' arguments)
 # DetectionModel._predict_augment's passes: full size, 0.83 flipped left-right (dim 3), 0.67
 TTA_SCALES, TTA_FLIPS = (1, 0.83, 0.67), (None, 3, None)
 
@@ -213,6 +214,14 @@ class TOODDetectionModel(tasks.DetectionModel):
             y.append(self._descale_pred(self._predict_once(xi)[0], flip, scale, img_size))
         return torch.cat(self._clip_augmented(y), -1), None
 
+    def tal_args(self) -> dict:
+        """Task alignment learning's hyper-parameters from the YAML's `tal:` mapping (`topk`, `alpha`, `beta`; absent
+        keys keep TOOD's 13, 1.0 and 6.0), e.g. `tal: {topk: 10, alpha: 0.5}` for Ultralytics' values."""
+        tal = self.yaml.get("tal") or {}
+        if not isinstance(tal, dict) or set(tal) - set(TAL_KEYS):
+            raise ValueError(f"model YAML 'tal: {tal}': a mapping of {', '.join(TAL_KEYS)}")
+        return dict(tal)
+
     def init_criterion(self, recipe: Recipe | None = None):
         """The loss the YAML names (`loss: tood` / `loss: v8`), else TOOD's for a T-head and Ultralytics' otherwise.
 
@@ -227,5 +236,5 @@ class TOODDetectionModel(tasks.DetectionModel):
                 f"model YAML 'loss: {loss}': choose 'tood' (TAL + QFL + GIoU) or 'v8' (Ultralytics' v8 loss)"
             )
         if loss == "tood":
-            return TOODLoss(self, recipe)
+            return TOODLoss(self, recipe, **self.tal_args())
         return THeadV8Loss(self) if thead else super().init_criterion()
