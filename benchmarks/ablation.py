@@ -28,8 +28,8 @@ evaluation split (`tood_yolo.tools.analysis.alignment_study`: conf 0.001, iou 0.
 time limit) gives mAP50-95, mAP50 and TOOD's alignment study (rank correlation of score and IoU over each GT's top-50
 pre-NMS predictions, mean IoU of the top-10, and correct / redundant / error detections after NMS).
 
-`datasets=large` is the synthetic generator's large-object layout (1-3 objects of 35-100 % of the image; train 256 /
-val 64 / test 64 at imgsz 256, `tood_yolo.data.synthetic`), the regime where the T-head was found weak (issue 28).
+`datasets=large` is the synthetic generator's large-object layout (1-3 objects of 35-100 % of the image, one class;
+train 256 / val 64 / test 64 at imgsz 256, `tood_yolo.data.synthetic`), the regime where the T-head was found weak (issue 28).
 `curve=1` validates on the val split after every epoch (Ultralytics' validation in training) and records each epoch's mAP50-95 (the row's `curve`,
 and its steadiness in the table: the mean drop between consecutive epochs, and the spread of the last 5).
 
@@ -240,7 +240,11 @@ def run_one(dataset: str, data: Path, name: str, seed: int, args: dict, project:
     split = args["split"] or DATASETS[dataset][1]
     curve = []  # mAP50-95 on the data's val split after each epoch (curve=1), as Ultralytics validates in training
     if args["curve"]:
-        model.add_callback("on_fit_epoch_end", lambda tr: curve.append(round(tr.metrics["metrics/mAP50-95(B)"], 4)))
+        def record(tr) -> None:  # not the final validation of best.pt, which Ultralytics reports the same way
+            if len(curve) < tr.epochs:
+                curve.append(round(tr.metrics["metrics/mAP50-95(B)"], 4))
+
+        model.add_callback("on_fit_epoch_end", record)
     t0 = time.perf_counter()
     model.train(data=str(data), epochs=args["epochs"], imgsz=args["imgsz"], batch=args["batch"], seed=seed,
                 device=args["device"], workers=0 if args["device"] == "cpu" else 8, project=str(project), name=run,

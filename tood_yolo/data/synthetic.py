@@ -14,8 +14,8 @@ outside its label box. Every image comes from its own generator seeded by (seed,
 reproducible and a larger one starts with the images of a smaller one.
 
 Two layouts (`LAYOUTS`): `shapes`, the main job's set described above, and `large`, 1-3 objects of 35-100 % of the
-image (boxes ~25-90 % of its side), the held-out regime of large objects on which the T-head was found weak (issue 28);
-its images come from streams of their own. An optional `test` split (`n_test`) holds images no training or choice sees.
+image (boxes ~25-90 % of its side) labelled as one class, "shape": the regime of the held-out set on which the T-head
+was found weak (one class of large objects, issue 28); its images come from streams of their own. An optional `test` split (`n_test`) holds images no training or choice sees.
 
 Usage:
     python -m tood_yolo.data.synthetic [root] [n_train=256] [n_val=64] [n_test=0] [imgsz=320] [seed=0]
@@ -43,16 +43,23 @@ SPLITS = ("train", "val", "test")  # the index of a split seeds its images: new 
 
 @dataclass(frozen=True)
 class Layout:
-    """How many objects an image holds (1 to `max_objects`) and how large they are (`size_range`: the circumscribed
-    diameter as a fraction of imgsz, drawn log-uniform)."""
+    """How many objects an image holds (1 to `max_objects`), how large they are (`size_range`: the circumscribed
+    diameter as a fraction of imgsz, drawn log-uniform) and whether the labels name the shape (`CLASS_NAMES`) or one
+    class for all (`one_class`)."""
 
     max_objects: int
     size_range: tuple[float, float]
+    one_class: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The class names its labels use."""
+        return ("shape",) if self.one_class else CLASS_NAMES
 
 
 LAYOUTS = {
     "shapes": Layout(8, (0.045, 0.45)),  # ~14 px to ~144 px at imgsz 320: small and medium objects, often crowded
-    "large": Layout(3, (0.35, 1.0)),  # ~112 px to the whole image at 320: few, large objects
+    "large": Layout(3, (0.35, 1.0), one_class=True),  # ~112 px to the whole image at 320: few, large objects
 }
 MAX_OBJECTS = LAYOUTS["shapes"].max_objects
 OVERLAP_P = 0.25  # chance that an object after the first is aimed at an earlier one
@@ -170,12 +177,13 @@ def visible_fractions(shapes: list[Shape]) -> list[float]:
     return fractions
 
 
-def label_lines(shapes: list[Shape], imgsz: int) -> list[str]:
-    """Return YOLO label rows `class cx cy w h`, normalised, for boxes clipped to the image."""
+def label_lines(shapes: list[Shape], imgsz: int, one_class: bool = False) -> list[str]:
+    """Return YOLO label rows `class cx cy w h`, normalised, for boxes clipped to the image (class 0 for all shapes
+    when `one_class`)."""
     lines = []
     for s in shapes:
         x1, y1, x2, y2 = np.clip(s.box(), 0, imgsz) / imgsz  # clipping guards float rounding at the border
-        lines.append(f"{s.cls} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}")
+        lines.append(f"{0 if one_class else s.cls} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}")
     return lines
 
 
@@ -294,9 +302,9 @@ def make_scene(seed: int, split: str, index: int, imgsz: int = 320, layout: str 
     return Scene(background, shapes, noise)
 
 
-def _data_yaml(root: Path, test: bool = False) -> str:
+def _data_yaml(root: Path, test: bool = False, layout: str = "shapes") -> str:
     """Return the data.yaml text; json quoting makes any path a valid YAML string."""
-    names = "".join(f"  {i}: {n}\n" for i, n in enumerate(CLASS_NAMES))
+    names = "".join(f"  {i}: {n}\n" for i, n in enumerate(LAYOUTS[layout].names))
     splits = "train: images/train\nval: images/val\n" + ("test: images/test\n" if test else "")
     return f"path: {json.dumps(str(root))}\n{splits}names:\n{names}"
 
@@ -340,7 +348,7 @@ def _write_split(root: Path, split: str, n: int, imgsz: int, seed: int, layout: 
     for i in range(n):
         scene = make_scene(seed, split, i, imgsz, layout)
         cv2.imwrite(str(images / f"{i:06d}.jpg"), scene.render(), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        (labels / f"{i:06d}.txt").write_text("".join(f"{line}\n" for line in label_lines(scene.shapes, imgsz)))
+        (labels / f"{i:06d}.txt").write_text("".join(f"{line}\n" for line in label_lines(scene.shapes, imgsz, LAYOUTS[layout].one_class)))
 
 
 def make_synthetic_dataset(
@@ -368,7 +376,7 @@ def make_synthetic_dataset(
     params = {"n_train": n_train, "n_val": n_val, "imgsz": imgsz, "seed": seed}
     if n_test or layout != "shapes":  # the main job's set keeps the manifest it always had
         params |= {"n_test": n_test, "layout": layout}
-    text = _data_yaml(root, test=n_test > 0)
+    text = _data_yaml(root, test=n_test > 0, layout=layout)
     if not overwrite and _is_complete(root, params):
         if not yaml_path.exists() or yaml_path.read_text() != text:  # the folder was moved
             yaml_path.write_text(text)
