@@ -134,6 +134,7 @@ for _name, _extra, _what, *_args in (
     ("-w0", "", "no ATSS warm-up", {"initial_epoch": 0}),
     ("-w1", "", "1 ATSS warm-up epoch", {"initial_epoch": 1}),
     ("-tal10", "tal: {topk: 10, alpha: 0.5}", "TAL topk 10, alpha 0.5 (Ultralytics' values)"),
+    ("-w0-tal10", "tal: {topk: 10, alpha: 0.5}", "no ATSS warm-up, TAL topk 10, alpha 0.5", {"initial_epoch": 0}),
     ("-o5", (_ROW, _ROW.replace("0.0", "0.5")), "anchor points at cell centres (offset 0.5, as Detect)"),
     ("-c3", (_ROW, _ROW.replace("dw]", "conv]")), "the paper's 3x3 class predictor"),
 ):
