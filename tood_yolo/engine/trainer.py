@@ -108,11 +108,12 @@ class TOODTrainer(DetectionTrainer):
     recipe's values. The run's arguments then say the recipe and its warm-up (`recipe_arguments`), so that DDP workers
     and a resume get them back, and the trainer hands the recipe to its losses.
 
-    `mmdet` (the reference's 1x recipe): SGD lr 0.01 without Nesterov, momentum 0.9, weight decay 1e-4 on every
-    parameter, linear warm-up over 500 iterations (while `warmup_epochs` keeps its default), lr steps x0.1 at 8/12 and
-    11/12 of the epochs (unless `cos_lr=True` or another `lrf` picks Ultralytics' schedules), flip-only augmentation,
-    12 epochs of batch 16, and no gradient accumulation (`LossScale`): the optimiser sees the reference's gradients.
-    Deviations that stay: Ultralytics' square letterbox (the reference keeps the aspect ratio at 1333x800) and its EMA.
+    `mmdet` (the reference's 1x recipe): SGD lr 0.01 without Nesterov, momentum 0.9, one group with weight decay 1e-4
+    on every parameter, no gradient clipping, linear warm-up from 0.001 x lr over 500 iterations (while
+    `warmup_epochs` keeps its default), lr steps x0.1 at 8/12 and 11/12 of the epochs (unless `cos_lr=True` or another
+    `lrf` picks Ultralytics' schedules), the reference's input pipeline (`tood_yolo.data.reference`) with flips only,
+    12 epochs of batch 16, no gradient accumulation (`LossScale`), and ImageNet weights for ResNet YAMLs
+    (`fetch_imagenet`): step 1 equals mmdet's (tests/test_step1.py). Deviation that stays: Ultralytics' EMA.
 
     `ultralytics`: Ultralytics' defaults, untouched, and TOOD's loss in Ultralytics' convention (`LossScale`).
     """
