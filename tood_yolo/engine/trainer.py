@@ -116,7 +116,12 @@ class TOODTrainer(DetectionTrainer):
     (`fetch_imagenet`): step 1 equals mmdet's (tests/test_step1.py). Deviation that stays: Ultralytics' EMA.
 
     `ultralytics`: Ultralytics' defaults, untouched, and TOOD's loss in Ultralytics' convention (`LossScale`).
+
+    Attributes:
+        keep_ratio (tuple[int, int] | None): The (long, short) scale of the reference's pipeline, None: Ultralytics'.
     """
+
+    keep_ratio: tuple[int, int] | None = None
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
         overrides = overrides or {}
@@ -194,7 +199,7 @@ class TOODTrainer(DetectionTrainer):
         """Ultralytics' set-up with TOOD's AMP check on the model itself (`check_amp_replaced`): no yolo26n.pt
         download. Under the reference's pipeline `imgsz` is the long side of its scale, not a square size: Ultralytics
         rounds it to the model's stride, and it is given back as it was (saved arguments and a resume keep it)."""
-        imgsz = self.args.imgsz
+        imgsz = self.args.imgsz if self.keep_ratio else None
         with check_amp_replaced():
             super()._setup_train()
         if self.keep_ratio:
