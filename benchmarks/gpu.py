@@ -1,4 +1,5 @@
-"""CUDA figures for TOOD: training images/s with AMP off and on, peak memory, eval latency, and a 200-iteration AMP run.
+"""CUDA figures for TOOD: training images/s with AMP off and on, peak memory, eval latency, R-50 training through
+`yolo train` with the reference's pipeline, and a 200-iteration AMP run.
 
     python benchmarks/gpu.py              # on a CUDA machine: well under 8 min on one H200
     python benchmarks/gpu.py --dry-run    # the same code on the CPU, each model once on a tiny input (no AMP/memory)
@@ -16,6 +17,13 @@ its batches; Ultralytics itself would letterbox to a square), tood-r50 at batch 
   TOOD R-50 1x (fp32, batch 2 per GPU, 1333x800).
 - Eval latency: batch 1, the network only (no letterbox, no NMS), fused as Ultralytics' predictor runs it, fp32 and
   fp16 (`.half()`, as `half=True`); median of the timed runs.
+- R-50 through `yolo train` (`recipe: mmdet`, its input pipeline: keep-ratio resize to fit 1333x800, flips,
+  batches padded to multiples of 32 and grouped by aspect ratio, `tood_yolo/data/reference.py`): one epoch of 40
+  iterations at batch 2, fp32 (as mmdet's 4.1 GB), Ultralytics' loader with 8 workers, on a synthetic set stretched to
+  COCO's usual shapes (3 of 4 images 640x480, 1 of 4 480x640: 1067x800 and 800x1067 inputs); images/s over the
+  iterations after the first 8 (data loading included), peak memory over the run (it holds Ultralytics' EMA copy of
+  the model too, which mmdet's 1x recipe has not). Random init (`pretrained=False`): speed and memory do not depend on
+  the weights.
 - AMP run: 200 iterations of Ultralytics' trainer (TOODTrainer, its dataloaders and augmentation, `amp=True` with
   TOOD's AMP check, GradScaler, EMA, the final validation under autocast) training tood-n from scratch on a synthetic
   shapes set (`tood_yolo.data.synthetic`); every iteration's loss must be finite. Also printed: the AMP decision, and
@@ -44,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a source checkout without an installed package
 
 import tood_yolo  # noqa: E402,F401  (registers TOOD with Ultralytics)
+from tood_yolo.data.reference import reference_scale  # noqa: E402
 from tood_yolo.data.synthetic import make_synthetic_dataset  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 from tood_yolo.nn.model import TOODDetectionModel as DetectionModel  # noqa: E402
@@ -55,6 +64,8 @@ CONFIGS = [  # model, batch, (height, width)
     ("yolo11n-tood", 64, (640, 640)),
 ]
 MMDET_MEM_GB = {("tood-r50", 2, (800, 1344)): 4.1}  # mmdetection's TOOD R-50 1x model zoo, fp32
+PIPELINE_RUN = {"model": "tood-r50", "batch": 2, "imgsz": 1333, "n_train": 80, "skip": 8}  # one epoch, 40 iterations
+DRY_PIPELINE_RUN = {"model": "tood-r50", "batch": 2, "imgsz": 128, "n_train": 4, "skip": 0}
 AMP_RUN = {"model": "tood-n", "iters": 200, "batch": 16, "imgsz": 320, "n_train": 320, "n_val": 64}  # 20 it/epoch
 DRY = {"batch": 2, "hw": (64, 64), "steps": 1, "warmup": 1, "runs": 1}
 DRY_AMP_RUN = {"model": "tood-n", "iters": 2, "batch": 2, "imgsz": 64, "n_train": 4, "n_val": 2}
@@ -159,6 +170,43 @@ def amp_run(device: torch.device, work: Path, model: str, iters: int, batch: int
             "last": losses[-1], "scale_drops": drops if amp[0] else None}
 
 
+def coco_shaped(data: Path) -> Path:
+    """Stretch the training images of a synthetic set to COCO's usual shapes, 3 of 4 to 640x480 and 1 of 4 to
+    480x640 (its normalised labels stay right); returns the set's data.yaml."""
+    import cv2
+
+    for i, file in enumerate(sorted((data.parent / "images" / "train").glob("*.jpg"))):
+        cv2.imwrite(str(file), cv2.resize(cv2.imread(str(file)), (480, 640) if i % 4 == 3 else (640, 480)))
+    return data
+
+
+def pipeline_run(device: torch.device, work: Path, model: str, batch: int, imgsz: int, n_train: int,
+                 skip: int) -> dict:
+    """One epoch of `yolo train` under `recipe: mmdet` (fp32, random init): images/s after `skip` iterations, peak
+    memory (GB, CUDA only) and the iterations run."""
+    data = coco_shaped(make_synthetic_dataset(work / "coco_shaped", n_train=n_train, n_val=2, imgsz=640))
+    times = []
+
+    def start(trainer) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def end_batch(trainer) -> None:
+        sync(device)
+        times.append(time.perf_counter())
+
+    yolo = YOLO(str(ROOT / "cfg" / f"{model}.yaml"))
+    yolo.add_callback("on_train_start", start)
+    yolo.add_callback("on_train_batch_end", end_batch)
+    cuda = device.type == "cuda"
+    yolo.train(data=str(data), recipe="mmdet", pretrained=False, epochs=1, batch=batch, imgsz=imgsz, amp=False,
+               val=False, plots=False, device=(device.index or 0) if cuda else "cpu", workers=8 if cuda else 0,
+               project=str(work / "runs"), name="pipeline", exist_ok=True, seed=0, verbose=False)
+    rate = batch * (len(times) - 1 - skip) / (times[-1] - times[skip])
+    return {"ips": rate, "mem": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
+            "iters": len(times)}
+
+
 def fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -196,6 +244,10 @@ def main(argv=None) -> None:
         r["ms16"] = eval_ms(model, hw, True, runs) if cuda else None
         rows.append(r)
         del model, batch
+    pcfg = DRY_PIPELINE_RUN if args.dry_run else PIPELINE_RUN
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"{pcfg['model']} through yolo train, recipe mmdet...", flush=True)
+        pipe = pipeline_run(device, Path(tmp), **pcfg)
     with tempfile.TemporaryDirectory() as tmp:
         print("AMP run on the synthetic set...", flush=True)
         run = amp_run(device, Path(tmp), **(DRY_AMP_RUN if args.dry_run else AMP_RUN))
@@ -216,6 +268,16 @@ def main(argv=None) -> None:
             f"{fmt(r['mem32'], '.2f')} | {fmt(r['mem16'], '.2f')} | {fmt(r['anchor'])} | {fmt(r['ms32'])} | "
             f"{fmt(r['ms16'])} |"
         )
+    scale = reference_scale(pcfg["imgsz"])
+    lines += [
+        "",
+        f"`yolo train` under recipe mmdet (its pipeline: keep-ratio {scale[0]}x{scale[1]}, padded batches, aspect-ratio "
+        f"groups; fp32, {pipe['iters']} iterations, 3 of 4 images 640x480):",
+        "",
+        "| model | batch | train img/s fp32 | peak mem GB fp32 | mmdet GB (fp32, 1x, per GPU) |",
+        "|---|---|---|---|---|",
+        f"| {pcfg['model']} | {pcfg['batch']} | {fmt(pipe['ips'])} | {fmt(pipe['mem'], '.2f')} | 4.1 |",
+    ]
     cfg = DRY_AMP_RUN if args.dry_run else AMP_RUN
     lines += [
         "",

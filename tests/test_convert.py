@@ -33,13 +33,8 @@ from tood_yolo.tools.convert import (
     read_mmdet_checkpoint,
     ultralytics_checkpoint,
 )
-from tood_yolo.tools.evaluate import (
-    evaluate,
-    padded_shape,
-    postprocess,
-    preprocess,
-    reference_resize_shape,
-)
+from tood_yolo.data.reference import padded_shape, reference_resize_shape
+from tood_yolo.tools.evaluate import evaluate, postprocess, preprocess
 from tood_yolo.utils.coco import COCO_STATS
 
 from test_safe_load import save_mmdet3  # tests/ is on sys.path (pytest's rootdir conftest)
@@ -627,6 +622,18 @@ def converted_pt(tmp_path_factory, r50_state):
     torch.save({"state_dict": r50_state, "meta": meta}, src)
     assert main([str(src), str(dst), "--cfg", str(ROOT / "cfg" / "tood-r50.yaml")]) == dst
     return dst
+
+
+def test_cli_finds_a_config_by_name_from_any_folder(tmp_path, r50_state, r50_reference, monkeypatch):
+    """README's line `... convert tood_r50_fpn_1x_coco.pth tood-r50.pt --cfg tood-r50.yaml`, run outside the
+    repository: the config is found by name, as `yolo` finds it."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": r50_state, "meta": {}}, "tood_r50_fpn_1x_coco.pth")
+    assert main(["tood_r50_fpn_1x_coco.pth", "tood-r50.pt", "--cfg", "tood-r50.yaml"]) == Path("tood-r50.pt")
+    with torch.no_grad():
+        assert_matches_reference(torch.load("tood-r50.pt", weights_only=False)["model"](INPUT)[0], r50_reference[0])
+    with pytest.raises(SystemExit):
+        main(["tood_r50_fpn_1x_coco.pth", "x.pt", "--cfg", "tood-r99.yaml"])
 
 
 def test_cli_round_trip_through_yolo(tmp_path, converted_pt, r50_reference):

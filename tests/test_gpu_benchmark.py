@@ -18,4 +18,6 @@ def test_gpu_benchmark_dry_run(capsys):
     for name in ("tood-r50", "tood-n"):  # each model once, with a measured training rate and fp32 latency
         row = re.search(rf"^\| {name} \| 2 \| 64x64 \| ([\d.]+) \| - \| - \| - \| - \| ([\d.]+) \| - \|$", out, re.M)
         assert row and float(row[1]) > 0 and float(row[2]) > 0, out
+    row = re.search(r"^\| tood-r50 \| 2 \| ([\d.]+) \| - \| 4\.1 \|$", out, re.M)  # yolo train, recipe mmdet
+    assert row and float(row[1]) > 0 and "keep-ratio 128x77" in out and "2 iterations" in out, out
     assert "AMP run: tood-n, 2 iterations" in out and "AMP off" in out and "all finite: PASS" in out

@@ -93,11 +93,15 @@ def test_mmdet_steps_once_per_batch_whatever_decided_the_batch(tiny_data, tmp_pa
 
 
 def test_ultralytics_recipe_accumulates_to_nbs_as_yolov8(tiny_data, tmp_path, monkeypatch):
+    clips = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clips.append(k) or clip(*a, **k))
     model = YOLO(str(ROOT / "cfg/tood-n.yaml"))
     steps = []
     model.add_callback("on_train_epoch_end", lambda t: steps.append((t.batch_size, t.accumulate, t.args.nbs)))
     model.train(data=str(tiny_data), project=str(tmp_path), name="run", batch=8, **{**TINY, "epochs": 1})
     assert steps == [(8, min(round(64 / 8), 3), 64)]  # capped at the run's 3 batches by Ultralytics itself
+    assert clips and all(k["max_norm"] == 10.0 for k in clips)  # Ultralytics' clipping, kept under its recipe
 
 
 def test_ultralytics_loss_is_the_mmdet_loss_times_batch_with_calibrated_gains():
@@ -209,3 +213,29 @@ def test_thead_outputs_round_trip_through_v8_distances_and_logits():
         dist2bbox(out["boxes"].transpose(1, 2), points, xywh=False), preds["boxes"].transpose(1, 2)
     )
     torch.testing.assert_close(out["scores"].sigmoid(), preds["scores"])
+
+
+def test_mmdet_warms_up_from_a_thousandth_in_one_group_with_decay_and_no_clipping(tiny_data, tmp_path, monkeypatch):
+    """mmdet's `LinearLR(start_factor=0.001)` over the warm-up for every parameter (the first step trains at 1e-5),
+    the reference's plain SGD with one group of every parameter at weight decay 1e-4 (as the log says), and no
+    gradient clipping (Ultralytics clips at 10; the reference's 1x config does not)."""
+    clips, logs, steps = [], [], []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clips.append(1) or clip(*a, **k))
+    monkeypatch.setattr("tood_yolo.engine.trainer.LOGGER.info", lambda msg, *a, **k: logs.append(msg))
+    model = YOLO(str(ROOT / "cfg/tood-n.yaml"))
+
+    def record(trainer):
+        g = trainer.optimizer.param_groups
+        steps.append(([x["lr"] for x in g], len(g[0]["params"]), len(list(trainer.model.parameters())),
+                      {(x["weight_decay"], x["momentum"], x["nesterov"]) for x in g}))
+
+    model.add_callback("on_train_batch_end", record)
+    model.train(data=str(tiny_data), project=str(tmp_path), name="run", batch=8, recipe="mmdet",
+                **{**TINY, "epochs": 2, "warmup_epochs": 3.0})  # the default: the recipe's 500 iterations, cut to 3
+    assert len(steps) == 6 and not clips
+    for i, (lrs, in_group, n_params, settings) in enumerate(steps[:3]):  # epoch 0: warm-up over 3 iterations
+        assert lrs == [pytest.approx(0.01 * (0.001 + 0.999 * i / 3), rel=1e-9)]
+        assert in_group == n_params and settings == {(1e-4, 0.9, False)}
+    assert any("1 parameter group" in m and "weight_decay=0.0001 on every one" in m for m in logs), logs
+

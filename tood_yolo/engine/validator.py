@@ -33,6 +33,7 @@ from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import LOGGER, nms
 
 from ..data.dataset import TOODDataset, build_tood_dataset
+from ..data.reference import fill_batch_padding
 from ..utils.coco import coco_eval, load_gt
 from .candidates import MAX_NMS, ULTRALYTICS_MAX_NMS, needs_bound, nms_bound, top_anchors
 
@@ -44,8 +45,9 @@ def _short(names: list[str], n: int = 8) -> str:
 
 class TOODDetectionValidator(DetectionValidator):
     """Ultralytics' DetectionValidator whose NMS gets at most `max_nms` (or `max_det`) candidates per image for models
-    with a T-head, whose dataset is TOOD's (`build_dataset`), and whose `save_json=True` COCO evaluation
-    runs pycocotools (offline).
+    with a T-head, whose dataset is TOOD's (`build_dataset`), whose batches of the reference's pipeline (a training
+    run's validation under `recipe: mmdet`) get their padding painted (`preprocess`), and whose `save_json=True` COCO
+    evaluation runs pycocotools (offline).
 
     NMS runs without Ultralytics' time limit (2 s + 0.05 s per image of a batch). Past it Ultralytics only warns and
     gives the rest of the batch no detections, so mAP would depend on the machine's load (it did for weakly trained
@@ -70,6 +72,11 @@ class TOODDetectionValidator(DetectionValidator):
         return build_tood_dataset(
             self.args, img_path, batch, self.data, mode=mode, stride=self.stride, fraction=fraction
         )
+
+    def preprocess(self, batch: dict) -> dict:
+        """Ultralytics' preprocessing, then the padding of a reference batch painted (`fill_batch_padding`: the
+        trainer's validation under the reference's pipeline)."""
+        return fill_batch_padding(super().preprocess(batch))
 
     def init_metrics(self, model) -> None:
         """Ultralytics' metrics set-up, whether NMS's candidates are bounded for this model (`needs_bound`), and a

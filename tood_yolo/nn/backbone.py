@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -9,12 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import get_model_weights
 from torchvision.models import resnet as tv_resnet
-from ultralytics.utils import LOGGER
+from ultralytics.utils import LOGGER, is_online
 
 from .ops import ModulatedDeformConv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # mmdet's (123.675, 116.28, 103.53) / 255, RGB
 IMAGENET_STD = (0.229, 0.224, 0.225)  # mmdet's (58.395, 57.12, 57.375) / 255
+ULTRALYTICS_PAD = 114 / 255  # Ultralytics' letterbox grey
 
 ARCHS = {  # depth -> (block, blocks per stage)
     18: (tv_resnet.BasicBlock, (2, 2, 2, 2)),
@@ -48,10 +50,63 @@ def freeze(module: nn.Module) -> None:
             m.register_buffer(name, p.detach())
 
 
+def resnet_arch(depth: int, groups: int = 1, width_per_group: int = 64) -> str:
+    """torchvision's name of a ResNet / ResNeXt, e.g. 'resnet50', 'resnext101_64x4d'."""
+    return f"resnet{depth}" if groups == 1 else f"resnext{depth}_{groups}x{width_per_group}d"
+
+
+def imagenet_archs(model_yaml: dict) -> list[str]:
+    """The archs of a model YAML's ResNets that ask for ImageNet weights (`weights: imagenet`)."""
+    return [resnet_arch(*row[3][:3]) for row in resnet_rows(model_yaml) if len(row[3]) > 5 and row[3][5] == "imagenet"]
+
+
 def torchvision_cache_file(arch: str) -> Path:
     """Where torchvision keeps the ImageNet (IMAGENET1K_V1) checkpoint of `arch`, e.g. 'resnet50', once downloaded."""
     url = get_model_weights(arch).IMAGENET1K_V1.url
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def fetch_imagenet(arch: str) -> Path:
+    """The ImageNet checkpoint of `arch` in torch hub's cache, downloaded there first by torchvision's weights API
+    (`IMAGENET1K_V1.get_state_dict`, as mmdet's `torchvision://` checkpoints) when it is missing and the machine is
+    online. Offline (`YOLO_OFFLINE=1` or no network) a missing file is a `FileNotFoundError` naming it and how to
+    get it: a training run must not silently start the paper's recipe from random weights."""
+    file = torchvision_cache_file(arch)
+    if file.exists():
+        return file
+    weights = get_model_weights(arch).IMAGENET1K_V1
+    if not is_online():
+        raise FileNotFoundError(
+            f"ImageNet weights for {arch} not found at {file}, and offline (YOLO_OFFLINE=1 or no network) they cannot "
+            f"be downloaded. Download {weights.url} into {file.parent} (or run once online: torchvision fetches it "
+            f"there), or train from random init with pretrained=False."
+        )
+    LOGGER.info(f"Downloading ImageNet weights for {arch} into {file.parent} (torchvision {weights})")
+    weights.get_state_dict(progress=True)
+    return file
+
+
+def resnet_rows(model_yaml: dict) -> list[list]:
+    """The `ResNet` rows of a model YAML dict (its args: depth, groups, width, frozen, dcn stages, weights)."""
+    return [row for row in model_yaml.get("backbone", []) + model_yaml.get("head", []) if row[2] == "ResNet"]
+
+
+def without_backbone_weights(model_yaml: dict) -> dict:
+    """A copy of a model YAML dict whose ResNets ask for no weights (random init): for a model whose weights come
+    from a checkpoint, or a run asked to start from random init (`pretrained=False`)."""
+    d = deepcopy(model_yaml)
+    for row in resnet_rows(d):
+        if len(row[3]) > 5:
+            row[3] = [*row[3][:5], None, *row[3][6:]]
+    return d
+
+
+def input_pad_value(model: nn.Module) -> tuple[float, ...]:
+    """Padding colour in [0, 1] RGB as the reference pads (0 after its normalisation): the ImageNet mean for models
+    with a ResNet (which normalises inside), Ultralytics' grey for the others (which take [0, 1] as it is)."""
+    if any(isinstance(m, ResNet) for m in model.modules()):
+        return tuple(IMAGENET_MEAN)
+    return (ULTRALYTICS_PAD,) * 3
 
 
 class ResNet(tv_resnet.ResNet):
@@ -64,8 +119,9 @@ class ResNet(tv_resnet.ResNet):
     YAML: `[-1, 1, ResNet, [depth, groups, width_per_group, frozen_stages, dcn_stages, weights]]`, e.g. `[50]`
     (R-50), `[101, 64, 4]` (X-101-64x4d), `[101, 1, 64, 1, [2, 3, 4]]` (R-101 with DCNv2 in stages 2-4).
     `weights`: None (random init), "imagenet" (torchvision's ImageNet checkpoint from the local torch hub cache; a
-    warning and random init if it is not there: nothing is ever downloaded), or the path of a torchvision-layout
-    state dict (missing file: an error).
+    warning and random init if it is not there: building a model downloads nothing; `TOODTrainer` fetches the file,
+    or stops, before it builds a model to train, `fetch_imagenet`), or the path of a torchvision-layout state dict
+    (missing file: an error).
 
     Returns:
         (list[torch.Tensor]): [C3 (B, c, H/8, W/8), C4 (B, 2c, H/16, W/16), C5 (B, 4c, H/32, W/32)], c = 512 for
@@ -95,7 +151,7 @@ class ResNet(tv_resnet.ResNet):
             block, list(layers), groups=groups, width_per_group=width_per_group, norm_layer=EvalBatchNorm2d
         )
         del self.fc, self.avgpool
-        self.arch = f"resnet{depth}" if groups == 1 else f"resnext{depth}_{groups}x{width_per_group}d"
+        self.arch = resnet_arch(depth, groups, width_per_group)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if dcn_stages:

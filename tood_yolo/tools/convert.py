@@ -1,7 +1,7 @@
 """Convert an mmdetection TOOD checkpoint into an Ultralytics checkpoint.
 
 Usage:
-    python -m tood_yolo.tools.convert tood_r50_fpn_1x_coco.pth tood-r50.pt --cfg cfg/tood-r50.yaml [--half]
+    python -m tood_yolo.tools.convert tood_r50_fpn_1x_coco.pth tood-r50.pt --cfg tood-r50.yaml [--half]
 
 The result loads wherever this package is installed: `yolo val model=tood-r50.pt`, `yolo predict`, `yolo export`,
 `ultralytics.YOLO("tood-r50.pt")`. For the paper's COCO protocol use `python -m tood_yolo.tools.evaluate` (800x1333
@@ -62,14 +62,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn.backbone import ResNet  # importing the package registers TOOD's YAML modules with Ultralytics
+# importing the package registers TOOD's YAML modules with Ultralytics
+from ..nn.backbone import ResNet, without_backbone_weights
+from ..nn.configs import find_config, read_config
 from ..nn.head import TOODHead
 from ..nn.neck import FPN
 from ..nn.ops import ModulatedDeformConv
 from .safe_load import load_untrusted
 
-# The repository's model YAMLs (an editable install or a checkout; a wheel carries no cfg/, hence --cfg)
-DEFAULT_CFG = Path(__file__).resolve().parents[2] / "cfg" / "tood-r50.yaml"
+# A shipped config's name, found from any folder as `yolo` finds it (`tood_yolo.nn.configs.find_config`)
+DEFAULT_CFG = "tood-r50.yaml"
 ROLES = ((ResNet, "backbone"), (FPN, "neck"), (TOODHead, "bbox_head"))
 AUTHOR_ALIASES = (  # fcjian/TOOD key pattern -> mmdet's
     (r"^bbox_head\.(cls|reg)_decomp\.la_conv1\.", r"bbox_head.\1_decomp.layer_attention.0."),
@@ -192,16 +194,9 @@ def _summarise(keys: list, n: int = 12) -> str:
 # Building and loading
 # ----------------------------------------------------------------------------------------------------------------------
 def _model_yaml(cfg: str | Path | dict) -> dict:
-    """The model YAML as a dict, with the ResNet `weights` argument cleared (the checkpoint supplies every weight)."""
-    from copy import deepcopy
-
-    from ultralytics.nn.tasks import yaml_model_load
-
-    d = deepcopy(cfg) if isinstance(cfg, dict) else yaml_model_load(cfg)
-    for row in d.get("backbone", []) + d.get("head", []):
-        if row[2] == "ResNet" and len(row[3]) > 5:
-            row[3] = [*row[3][:5], None, *row[3][6:]]
-    return d
+    """The model YAML as a dict (a path, a shipped config's name from any folder, or a dict), with the ResNet `weights`
+    argument cleared (the checkpoint supplies every weight)."""
+    return without_backbone_weights(cfg if isinstance(cfg, dict) else read_config(cfg))
 
 
 def _check_anchor_type(meta: dict, head: TOODHead) -> None:
@@ -331,11 +326,12 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("src", help="mmdet checkpoint (.pth), e.g. tood_r50_fpn_1x_coco_20211210_103425-20e20746.pth")
     parser.add_argument("dst", help="Ultralytics checkpoint to write (.pt)")
-    parser.add_argument("--cfg", default=str(DEFAULT_CFG), help="model YAML of the same architecture")
+    parser.add_argument("--cfg", default=DEFAULT_CFG,
+                        help="model YAML of the same architecture: a shipped config's name (tood-r50.yaml) or a path")
     parser.add_argument("--half", action="store_true", help="store FP16 weights (as Ultralytics' trainer does)")
     args = parser.parse_args(argv)
-    if not Path(args.cfg).is_file():
-        parser.error(f"model YAML {args.cfg} not found: pass --cfg path/to/tood-*.yaml (the cfg/ folder of tood-yolo)")
+    if not Path(args.cfg).is_file() and find_config(args.cfg) is None:
+        parser.error(f"model YAML {args.cfg} not found: pass --cfg tood-r50.yaml (a shipped config's name) or a path")
     dst = convert(args.src, args.dst, args.cfg, half=args.half)
     print(f"Converted {args.src} -> {dst} ({args.cfg}{', fp16' if args.half else ''})")
     return dst

@@ -57,42 +57,21 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from ..nn.backbone import IMAGENET_MEAN, ResNet
+from ..data.reference import SCALE, padded_shape, resize_keep_ratio
+from ..nn.backbone import IMAGENET_MEAN, input_pad_value
 from ..nn.head import TOODHead
 from ..utils.coco import coco_eval, load_gt
 
-SCALE = (1333, 800)  # mmdet Resize scale (long, short), keep_ratio=True
-SIZE_DIVISOR = 32  # DetDataPreprocessor pad_size_divisor
 SCORE_THR = 0.05
 NMS_PRE = 1000  # per level
 IOU_THR = 0.6
 MAX_PER_IMG = 100
 MIN_BBOX_SIZE = 0
-ULTRALYTICS_PAD = 114 / 255
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pre-processing
 # ----------------------------------------------------------------------------------------------------------------------
-def reference_resize_shape(h: int, w: int, scale: tuple[int, int] = SCALE) -> tuple[int, int]:
-    """(new_h, new_w) of mmcv's keep-ratio rescale: factor min(long_max / long, short_max / short), rounded half up."""
-    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
-
-
-def padded_shape(h: int, w: int, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
-    """(H, W) after padding bottom/right to multiples of `divisor`."""
-    return -(-h // divisor) * divisor, -(-w // divisor) * divisor
-
-
-def pad_value_for(model: nn.Module) -> tuple[float, ...]:
-    """Padding colour in [0, 1] RGB: the ImageNet mean for ResNet models (0 after their normalisation, as the reference
-    pads), Ultralytics' grey otherwise."""
-    if any(isinstance(m, ResNet) for m in model.modules()):
-        return tuple(IMAGENET_MEAN)
-    return (ULTRALYTICS_PAD,) * 3
-
-
 def preprocess(
     img: np.ndarray, pad_value: tuple[float, ...] = tuple(IMAGENET_MEAN), scale: tuple[int, int] = SCALE
 ) -> tuple[torch.Tensor, tuple[float, float]]:
@@ -101,8 +80,8 @@ def preprocess(
     The image sits at the top left; the bottom/right padding has colour `pad_value`.
     """
     h, w = img.shape[:2]
-    nh, nw = reference_resize_shape(h, w, scale)
-    resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    resized = resize_keep_ratio(img, scale)
+    nh, nw = resized.shape[:2]
     x = torch.from_numpy(np.ascontiguousarray(resized[..., ::-1].transpose(2, 0, 1))).float() / 255
     ph, pw = padded_shape(nh, nw)
     out = torch.tensor(pad_value, dtype=torch.float32).view(3, 1, 1).repeat(1, ph, pw)
@@ -170,7 +149,7 @@ def postprocess(
 @torch.inference_mode()
 def predict(model: nn.Module, img: np.ndarray, device: str | torch.device = "cpu", half: bool = False, **kwargs):
     """Detections (xyxy boxes in image pixels, scores, 0-based labels) for one BGR image, the reference's way."""
-    x, scale_factor = preprocess(img, pad_value_for(model))
+    x, scale_factor = preprocess(img, input_pad_value(model))
     x = x.to(device)
     sizes = LevelSizes(model)
     try:

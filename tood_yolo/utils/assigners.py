@@ -7,15 +7,37 @@ gt_labels (B, M, 1), gt_bboxes (B, M, 4) xyxy pixels, mask_gt (B, M, 1) with 1 f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from ultralytics.utils.metrics import bbox_iou
 
-__all__ = "Assignment", "TALAssigner", "ATSSAssigner"
+__all__ = "Assignment", "TALAssigner", "ATSSAssigner", "valid_anchor_mask"
 
 # mmdet's centre-inside test: an anchor centre must lie more than this many pixels inside every GT side.
 CENTER_MARGIN = 0.01
+
+
+def valid_anchor_mask(pad_shapes: torch.Tensor, feat_shapes: Sequence[tuple[int, int]],
+                      strides: Sequence[float]) -> torch.Tensor:
+    """(B, A) bool: whether each anchor of a batch lies inside its image's own padded shape, as mmdet's
+    `AnchorGenerator.valid_flags(featmap_sizes, pad_shape)`: on a level of stride s and size (fh, fw), the anchors of
+    rows < min(ceil(h / s), fh) and columns < min(ceil(w / s), fw). Levels in order, each row-major (`make_anchors`).
+
+    Args:
+        pad_shapes (torch.Tensor): (B, 2) each image's padded (h, w).
+        feat_shapes (Sequence[tuple[int, int]]): (fh, fw) of each level.
+        strides (Sequence[float]): Stride of each level.
+    """
+    masks = []
+    for (fh, fw), s in zip(feat_shapes, strides):
+        rows = torch.arange(fh, device=pad_shapes.device)
+        cols = torch.arange(fw, device=pad_shapes.device)
+        vh = torch.clamp(torch.ceil(pad_shapes[:, :1].double() / float(s)), max=fh)  # (B, 1)
+        vw = torch.clamp(torch.ceil(pad_shapes[:, 1:].double() / float(s)), max=fw)
+        masks.append(((rows[None, :, None] < vh[:, :, None]) & (cols[None, None, :] < vw[:, :, None])).flatten(1))
+    return torch.cat(masks, 1)
 
 
 class Assignment(NamedTuple):
@@ -144,6 +166,7 @@ class TALAssigner:
         gt_labels: torch.Tensor,
         gt_bboxes: torch.Tensor,
         mask_gt: torch.Tensor,
+        valid: torch.Tensor | None = None,
     ) -> Assignment:
         """Assign GTs to anchors.
 
@@ -154,6 +177,9 @@ class TALAssigner:
             gt_labels (torch.Tensor): (B, M, 1) GT classes.
             gt_bboxes (torch.Tensor): (B, M, 4) GT boxes, xyxy pixels.
             mask_gt (torch.Tensor): (B, M, 1) 1 for real GTs, 0 for padding.
+            valid (torch.Tensor, optional): (B, A) bool, the anchors inside each image's own padded shape
+                (`valid_anchor_mask`); the others are no candidates, as mmdet assigns only its `valid_flags` anchors.
+                None: every anchor.
 
         Returns:
             (Assignment): per-anchor targets, quality = t_hat.
@@ -167,8 +193,10 @@ class TALAssigner:
         cls = (gt_labels.squeeze(-1).long() * mask_gt.squeeze(-1).long()).unsqueeze(-1)
         scores = pd_scores.float().transpose(1, 2).gather(1, cls.expand(-1, -1, num_anchors))  # (B, M, A)
         align = scores.pow(self.alpha) * ious.pow(self.beta)
+        if valid is not None:  # below every valid anchor's t >= 0: never among the top k before a valid one
+            align = align.masked_fill(~valid.unsqueeze(1), -1.0)
 
-        # Top-k over every anchor, then the t > 0 and centre-inside filters on those k only.
+        # Top-k over every (valid) anchor, then the t > 0 and centre-inside filters on those k only.
         top_t, top_idx = align.topk(min(self.topk, num_anchors), dim=-1)  # (B, M, k)
         keep = (top_t > 0) & _centres_inside(anc_points[top_idx], gt_bboxes) & mask_gt.bool()
         is_pos = torch.zeros_like(align, dtype=torch.bool).scatter_(-1, top_idx, keep)
@@ -211,6 +239,7 @@ class ATSSAssigner:
         gt_labels: torch.Tensor,
         gt_bboxes: torch.Tensor,
         mask_gt: torch.Tensor,
+        valid: torch.Tensor | None = None,
     ) -> Assignment:
         """Assign GTs to anchors.
 
@@ -221,6 +250,9 @@ class ATSSAssigner:
             gt_labels (torch.Tensor): (B, M, 1) GT classes.
             gt_bboxes (torch.Tensor): (B, M, 4) GT boxes, xyxy pixels.
             mask_gt (torch.Tensor): (B, M, 1) 1 for real GTs, 0 for padding.
+            valid (torch.Tensor, optional): (B, A) bool, the anchors inside each image's own padded shape
+                (`valid_anchor_mask`); the others are no candidates (mmdet assigns its `valid_flags` anchors only).
+                None: every anchor. A level needs at least `topk` valid anchors per image (any real image has).
 
         Returns:
             (Assignment): per-anchor targets, quality = 1.0 on positives.
@@ -235,6 +267,8 @@ class ATSSAssigner:
         # Squared distances rank like mmdet's Euclidean ones; explicit differences, not cdist, whose matmul path
         # would perturb near-ties.
         dist2 = (gt_centres.unsqueeze(2) - centres).pow(2).sum(-1)  # (B, M, A)
+        if valid is not None:  # farther than any valid anchor: never a candidate before k valid ones
+            dist2 = dist2.masked_fill(~valid.unsqueeze(1), torch.inf)
 
         cand_idx, start = [], 0
         for n in num_level_anchors:

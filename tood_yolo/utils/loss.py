@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ultralytics.utils.loss import DFLoss, v8DetectionLoss
 from ultralytics.utils.tal import make_anchors
 
-from .assigners import ATSSAssigner, TALAssigner
+from .assigners import ATSSAssigner, TALAssigner, valid_anchor_mask
 from .recipe import Recipe
 
 
@@ -170,7 +170,10 @@ class TOODLoss:
             boxes (torch.Tensor): (B, A, 4) predicted xyxy boxes in stride units.
             scores (torch.Tensor): (B, A, C) aligned scores (probabilities).
             feats (list[torch.Tensor]): The head's input maps (for anchor layout).
-            batch (dict): Ultralytics batch with "batch_idx", "cls", "bboxes" (normalised xywh).
+            batch (dict): Ultralytics batch with "batch_idx", "cls", "bboxes" (normalised xywh), and "pad_shape"
+                ((B, 2) each image's own padded (h, w)) when its images differ in size (`collate_padded`): the anchors
+                outside an image's padded shape take no part in its targets or its classification loss, as mmdet's
+                `valid_flags` (its label weights are 0 there).
             dists (torch.Tensor, optional): (B, A, 4 * bins) log-probabilities of the distributions behind `boxes`
                 (a DFL T-head's), for the DFL term.
 
@@ -185,21 +188,28 @@ class TOODLoss:
         targets = self.preprocess(targets.to(self.device).float(), b, scale_tensor=imgsz[[1, 0, 1, 0]])
         gt_labels, gt_bboxes = targets.split((1, 4), 2)
         mask_gt = gt_bboxes.sum(2, keepdim=True).gt(0.0)
+        valid = None
+        if "pad_shape" in batch:
+            shapes = [f.shape[2:] for f in feats]
+            valid = valid_anchor_mask(batch["pad_shape"].to(self.device), shapes, self.stride.tolist())
 
         if self.warmup:
             anchors = torch.cat((points_px - 4 * strides, points_px + 4 * strides), 1)  # 8*stride squares
             levels = [f.shape[2] * f.shape[3] for f in feats]
-            a = self.initial_assigner(anchors, levels, gt_labels, gt_bboxes, mask_gt)
+            a = self.initial_assigner(anchors, levels, gt_labels, gt_bboxes, mask_gt, valid)
             target = F.one_hot(a.labels, self.nc + 1)[..., : self.nc].float()
-            cls = focal_loss_with_prob(scores, target).sum()
+            cls = focal_loss_with_prob(scores, target)
             box_weight = centerness_target(points_px.expand(b, -1, -1)[a.fg_mask], a.bboxes[a.fg_mask].float())
             cls_factor = a.fg_mask.sum().float()
         else:
-            a = self.assigner(scores.detach(), (boxes.detach() * strides), points_px, gt_labels, gt_bboxes, mask_gt)
+            a = self.assigner(
+                scores.detach(), (boxes.detach() * strides), points_px, gt_labels, gt_bboxes, mask_gt, valid
+            )
             target = F.one_hot(a.labels, self.nc + 1)[..., : self.nc].float() * a.quality.unsqueeze(-1)
-            cls = quality_focal_loss(scores, target).sum()
+            cls = quality_focal_loss(scores, target)
             box_weight = a.quality[a.fg_mask]
             cls_factor = a.quality.sum()
+        cls = (cls if valid is None else cls[valid]).sum()
         strides_pos = strides.expand(b, -1, -1)[a.fg_mask]
         target_boxes = a.bboxes[a.fg_mask].float() / strides_pos
         box = (giou_loss(boxes[a.fg_mask], target_boxes) * box_weight).sum()

@@ -168,10 +168,18 @@ class RecipeSpec:
             gains (YOLOv8's) are not read, with a warning when one is given.
         lr_warmup_iterations (int | None): Linear learning-rate warm-up over this many iterations while
             `warmup_epochs` keeps Ultralytics' default; None: Ultralytics' `warmup_epochs`.
+        lr_warmup_start (float | None): The warm-up's first factor of every group's learning rate, rising linearly to
+            1 (mmengine's `LinearLR(start_factor)`); None: Ultralytics' warm-up from 0 (biases from `warmup_bias_lr`).
         lr_milestones (tuple[float, ...] | None): Fractions of the epochs at which the learning rate steps by
             `LR_STEP`, while `cos_lr` is off and `lrf` keeps its default; None: Ultralytics' schedules.
-        reference_sgd (bool): Weight decay on every parameter group and SGD without Nesterov momentum, as the
-            reference's `SGD(lr, momentum, weight_decay)` (no paramwise cfg); False: Ultralytics' optimiser as built.
+        reference_sgd (bool): Under `optimizer=SGD`, the reference's `SGD(lr, momentum, weight_decay)`: one parameter
+            group, weight decay on every parameter, no Nesterov momentum (no paramwise cfg); False: Ultralytics'
+            optimiser as built (three groups, no decay on norms and biases).
+        clip_gradients (bool): Ultralytics' gradient-norm clipping at 10 before each step; False: none, as the
+            reference's `optim_wrapper` (no `clip_grad`).
+        keep_ratio (bool): The reference's input pipeline (`tood_yolo.data.reference`: keep-ratio resize to fit the
+            scale `imgsz` stands for, flips, batches padded to multiples of 32 and grouped by aspect ratio) in training
+            and in its validation; False: Ultralytics' (square letterbox, mosaic, rectangular validation batches).
     """
 
     overrides: Mapping[str, Any]
@@ -180,7 +188,10 @@ class RecipeSpec:
     calibration: Mapping[str, float] | None
     lr_warmup_iterations: int | None
     lr_milestones: tuple[float, ...] | None
+    lr_warmup_start: float | None
     reference_sgd: bool
+    clip_gradients: bool
+    keep_ratio: bool
 
 
 RECIPES: dict[str, RecipeSpec] = {
@@ -189,12 +200,12 @@ RECIPES: dict[str, RecipeSpec] = {
         overrides={
             "epochs": 12,
             "batch": 16,
+            "imgsz": 1333,  # the long side of the reference's (1333, 800) keep-ratio scale (`keep_ratio`)
             "optimizer": "SGD",  # without Nesterov momentum, as the reference (`reference_sgd`)
             "lr0": 0.01,
             "momentum": 0.9,
             "weight_decay": 1e-4,
             "warmup_momentum": 0.9,  # mmdet warms up the learning rate only
-            "warmup_bias_lr": 0.0,  # biases warm up from ~0 like every other parameter (mmdet: ratio 0.001)
             "cos_lr": False,
             # the reference augments with horizontal flips only
             "fliplr": 0.5,
@@ -218,7 +229,10 @@ RECIPES: dict[str, RecipeSpec] = {
         calibration=None,
         lr_warmup_iterations=500,  # mmdet LinearLR over the first 500 iterations
         lr_milestones=(8 / 12, 11 / 12),  # epochs 8 and 11 of 12 (16 and 22 of 24 for the 2x schedule)
+        lr_warmup_start=0.001,  # LinearLR(start_factor=0.001): the first step trains at lr 1e-5
         reference_sgd=True,
+        clip_gradients=False,  # the 1x config has no clip_grad: the gradient norm is ~10 at step 1 already
+        keep_ratio=True,
     ),
     "ultralytics": RecipeSpec(
         overrides={},  # Ultralytics' defaults, untouched
@@ -229,7 +243,10 @@ RECIPES: dict[str, RecipeSpec] = {
         calibration=ULTRALYTICS_GAIN,
         lr_warmup_iterations=None,
         lr_milestones=None,
+        lr_warmup_start=None,
         reference_sgd=False,
+        clip_gradients=True,
+        keep_ratio=False,
     ),
 }
 
@@ -312,13 +329,21 @@ class Recipe:
         steps = [round(epochs * m) for m in milestones]
         return lambda epoch: LR_STEP ** sum(epoch >= s for s in steps)
 
-    def adjust_optimizer(self, optimizer: torch.optim.Optimizer, decay: float) -> None:
-        """Set the optimiser's parameter groups as the recipe trains them (`RecipeSpec.reference_sgd`)."""
-        if self.spec.reference_sgd:
-            for group in optimizer.param_groups:
-                group["weight_decay"] = decay
-                if "nesterov" in group:
-                    group["nesterov"] = False
+    def warmup_lr(self, target: float, iteration: int, iterations: int) -> float | None:
+        """The learning rate of a group whose scheduled rate is `target` at 0-based `iteration` of a warm-up of
+        `iterations` (mmengine's LinearLR: factor start + (1 - start) * iteration / iterations); None: Ultralytics'
+        warm-up (the recipe has no start factor)."""
+        start = self.spec.lr_warmup_start
+        if start is None:
+            return None
+        return target * (start + (1 - start) * min(iteration / iterations, 1.0))
+
+    def param_groups(self, model: torch.nn.Module, name: str, decay: float) -> list[dict] | None:
+        """The optimiser's parameter groups as the recipe trains them: the reference's one group of every parameter,
+        with weight decay `decay`, under `optimizer=SGD` (`RecipeSpec.reference_sgd`); None: Ultralytics' groups."""
+        if not self.spec.reference_sgd or name != "SGD":
+            return None
+        return [{"params": list(model.parameters()), "weight_decay": decay, "param_group": "weight"}]
 
 
 def recipe_arguments(args, model_yaml: dict) -> dict[str, Any]:
