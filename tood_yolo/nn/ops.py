@@ -52,9 +52,12 @@ def sigmoid_geometric_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.float(), y.float()
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return SigmoidGeometricMean.apply(x, y)
-    # M expanded to the classes explicitly (same values as broadcasting): OpenCV 5's DNN engine fails on a (B, C, H, W)
-    # x (B, 1, H, W) Mul whose result is then reshaped ("C0 <= 1 in function 'toLayout'")
-    return (x.sigmoid() * y.sigmoid().expand_as(x)).sqrt()
+    # M repeated over the classes explicitly (same values as broadcasting): OpenCV 5's DNN engine fails on a
+    # (B, C, H, W) x (B, 1, H, W) Mul whose result is then reshaped ("C0 <= 1 in function 'toLayout'"). A repeat
+    # (Tile), not expand_as (Broadcast): OpenVINO moves a Broadcast that feeds a Mul behind it and renames the Mul,
+    # which then leaves the head's scope that Ultralytics' int8 export keeps in float, so nncf quantised both
+    # probabilities (tests/test_postprocess.py); and pnnx (NCNN) cannot convert a Broadcast before the sigmoid
+    return (x.sigmoid() * y.sigmoid().repeat(1, x.shape[1], 1, 1)).sqrt()
 
 
 def deform_sampling(feat: torch.Tensor, offset: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
