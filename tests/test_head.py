@@ -67,6 +67,13 @@ def test_deform_sampling_equals_unit_kernel_deform_conv(h, w):
     torch.testing.assert_close(deform_sampling(feat, offset), expected, atol=1e-10, rtol=1e-10)
 
 
+def test_aligned_score_for_inference_and_export_equals_the_broadcast_product():
+    """Without a gradient (inference, exports) M is repeated over the classes explicitly: the broadcast's values."""
+    x, y = torch.randn(2, 5, 4, 3) * 4, torch.randn(2, 1, 4, 3) * 4
+    with torch.no_grad():
+        assert torch.equal(sigmoid_geometric_mean(x, y), (torch.sigmoid(x) * torch.sigmoid(y)).sqrt())
+
+
 def test_grouped_deform_sampling_equals_deform_conv_of_offset_groups():
     """Channels that share an offset (the 16 bins of a DFL side): torchvision's depthwise deform conv with one offset
     group per shared offset, zeros outside the map."""
