@@ -88,7 +88,8 @@ def deform_sampling(
     """
     b, c, h, w = feat.shape
     g = c if group == 1 else c // group  # no shape arithmetic in traced exports, which sample channel by channel
-    if g * group != c or offset.shape[1] != 2 * g:
+    # checked in eager code only: an export traces sizes as values, and a Python test of them would be frozen
+    if not torch.jit.is_tracing() and (g * group != c or offset.shape[1] != 2 * g):
         raise ValueError(f"deform_sampling: {offset.shape[1]} offset channels for {c} maps in groups of {group}")
     dy, dx = offset.view(b, g, 2, h, w).unbind(2)
     ys = torch.arange(h, device=feat.device, dtype=offset.dtype).view(1, 1, h, 1)
