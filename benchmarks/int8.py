@@ -15,8 +15,11 @@ every OpenVINO model here is compiled with INFERENCE_PRECISION_HINT=`--ov-precis
 is fp32 and int8 differs from it by the quantisation only. Both exports are letterboxed to the same square, so the
 fp32 column may differ slightly from `yolo val` of the .pt (rect batches).
 
-What nncf quantises differs by head: Ultralytics' exporter keeps its own `Detect` head in float (an ignored scope
-for Detect and RTDETRDecoder only); the T-head is quantised whole, its box decoding included.
+What nncf quantises: Ultralytics' exporter keeps a `Detect` head's own operations in float (nncf's ignored scope:
+every Sigmoid and every op named in the head module's own scope, not its sub-modules' convs). `TOODHead` is a `Detect`,
+so its final score and box operations (sqrt(P * M), DFL, O's sampling, the box decoding) stay float too, and so do
+its task decomposition's matmul and the first 1x1 conv of M and O, which it computes in its own scope (`read_feat`):
+int8 speeds it up less than Detect (tests/test_postprocess.py checks the quantised IR).
 
 No ONNX Runtime row: its static quantisation (`quantize_static`, QDQ, per-channel, calibrated on the same images,
 nothing excluded) took tood-n from 0.398 to 0.084 mAP50-95 and yolov8n from 0.581 to 0.000 on the synthetic val,

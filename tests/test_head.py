@@ -67,6 +67,42 @@ def test_deform_sampling_equals_unit_kernel_deform_conv(h, w):
     torch.testing.assert_close(deform_sampling(feat, offset), expected, atol=1e-10, rtol=1e-10)
 
 
+def test_aligned_score_for_inference_and_export_equals_the_broadcast_product():
+    """Without a gradient (inference, exports) M is repeated over the classes explicitly: the broadcast's values."""
+    x, y = torch.randn(2, 5, 4, 3) * 4, torch.randn(2, 1, 4, 3) * 4
+    with torch.no_grad():
+        assert torch.equal(sigmoid_geometric_mean(x, y), (torch.sigmoid(x) * torch.sigmoid(y)).sqrt())
+
+
+def test_grouped_deform_sampling_equals_deform_conv_of_offset_groups():
+    """Channels that share an offset (the 16 bins of a DFL side): torchvision's depthwise deform conv with one offset
+    group per shared offset, zeros outside the map."""
+    b, c, group, h, w = 2, 12, 4, 5, 7
+    feat = torch.randn(b, c, h, w, dtype=torch.float64)
+    offset = torch.randn(b, 2 * c // group, h, w, dtype=torch.float64) * 2.5
+    expected = deform_conv2d(feat, offset, torch.ones(c, 1, 1, 1, dtype=torch.float64))  # c // group offset groups
+    torch.testing.assert_close(deform_sampling(feat, offset, group=group), expected, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="offset channels"):
+        deform_sampling(feat, offset, group=5)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_grouped_deform_sampling_equals_sampling_each_channel_at_its_groups_offset(padding_mode):
+    """The grouped sampler gives the per-channel sampler's values bit for bit and its gradients up to float rounding,
+    for the float32 maps and border padding of the T-head's DFL distributions."""
+    b, r, h, w = 2, 16, 9, 11
+    probs = torch.randn(b, 4 * r, h, w).softmax(1).requires_grad_()
+    offset = (torch.randn(b, 8, h, w) * 3).requires_grad_()  # many samples at or beyond the border
+    copies = offset.view(b, 4, 1, 2, h, w).expand(b, 4, r, 2, h, w).reshape(b, 8 * r, h, w)  # each channel its own
+    expected = deform_sampling(probs, copies, padding_mode)
+    got = deform_sampling(probs, offset, padding_mode, group=r)
+    assert torch.equal(got, expected)
+    grad = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (probs, offset), grad)
+    for g, e in zip(grads, torch.autograd.grad(expected, (probs, offset), grad)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("stride,groups,dg", [(1, 1, 1), (2, 2, 1), (1, 1, 4)])
 def test_onnx_modulated_deform_conv_equals_torchvision(stride, groups, dg):
     x = torch.randn(2, 8, 7, 9, dtype=torch.float64)

@@ -8,6 +8,7 @@ real predictions for the metrics and int8 checks.
 
 from __future__ import annotations
 
+import collections
 import math
 from pathlib import Path
 
@@ -177,22 +178,83 @@ def test_validation_metrics_equal_the_unbounded_path(rectangles, nms_inputs):
     assert abs(got.box.map - ref.box.map) <= 0.002 and abs(got.box.map50 - ref.box.map50) <= 0.002
 
 
-@pytest.mark.slow
-def test_openvino_int8_predicts_the_fp32_boxes(rectangles):
-    """int8 OpenVINO (nncf post-training quantisation, calibrated on the 16 val scenes) predicts PyTorch fp32's best
-    box on each scene within 1 px and its score within 0.03.
-
-    Tolerance: nncf quantises every tensor of the T-head (Ultralytics keeps only its own Detect head in float), the
-    decoded distances included. One int8 step of a P3 distance that spans ~16 strides is 16/255 stride = 0.5 px, so
-    1 px is two steps; an activation in [0, 1] moves by 1/255 = 0.004 a step, so 0.03 is ~8 steps gathered through
-    the ~20 quantised layers. Measured here: 0.2 px and 0.008. Runner-up boxes near the conf threshold may come and go
-    (NMS between near-equal scores), so only each scene's best detection is compared.
-    """
+@pytest.fixture(scope="module")
+def int8_export(rectangles) -> Path:
+    """The tiny trained model's int8 OpenVINO export (nncf, calibrated on the 16 val scenes): its folder."""
     pytest.importorskip("openvino", reason="openvino is not installed (the 'export' extra of pyproject.toml)")
     pytest.importorskip("nncf", reason="nncf is not installed (the 'export' extra of pyproject.toml): no int8 export")
     ckpt, data = rectangles
     f = YOLO(str(ckpt)).export(format="openvino", int8=True, data=str(data), imgsz=IMGSZ, batch=1)
     assert "int8" in Path(f).name
+    return Path(f)
+
+
+def quantised_ops_before_outputs(xml: Path, head: str) -> tuple[list[str], collections.Counter]:
+    """Walk an OpenVINO IR back from its outputs to the T-head's last convs (its predictors: `tood_cls`, `tood_reg`
+    and the last convs of M and O, which Ultralytics quantises as it does `Detect`'s last convs): the FakeQuantize
+    ops met on the way (int8 tensors that feed the final score and box operations) and the op types walked through.
+
+    Args:
+        xml (Path): The IR.
+        head (str): The head's scope in op names, "__module.model.<index of the head>".
+    """
+    import openvino as ov
+
+    predictors = tuple(f"{head}.{name}" for name in ("tood_cls", "tood_reg", "cls_prob_module", "reg_offset_module"))
+    stack = [op for op in ov.Core().read_model(str(xml)).get_ordered_ops() if op.get_type_name() == "Result"]
+    seen, quantised, walked = set(), [], collections.Counter()
+    while stack:
+        op = stack.pop()
+        name = op.get_friendly_name()
+        # ShapeOf reads only a shape, which quantisation leaves as it is: not a path for int8 values
+        if name in seen or op.get_type_name() in ("Constant", "Parameter", "ShapeOf") or name.startswith(predictors):
+            continue
+        seen.add(name)
+        walked[op.get_type_name()] += 1
+        if op.get_type_name() == "FakeQuantize":
+            quantised.append(name)
+        stack.extend(i.get_source_output().get_node() for i in op.inputs())
+    return quantised, walked
+
+
+@pytest.mark.slow
+def test_int8_openvino_keeps_the_t_heads_final_operations_float(int8_export):
+    """As Ultralytics does for `Detect` (nncf's ignored scope in its OpenVINO export: `TOODHead` is a `Detect`), no
+    int8 tensor reaches the aligned score sqrt(P * M), the DFL expectation, O's box sampling or the box decoding:
+    every op between the head's last convs and the outputs runs in float in the quantised IR."""
+    quantised, walked = quantised_ops_before_outputs(next(int8_export.glob("*.xml")), "__module.model.5")
+    assert walked["Sigmoid"] and walked["Sqrt"] and walked["GridSample"]  # the walk met the score and box ops
+    assert not quantised, f"int8 tensors feed the T-head's final operations: {quantised}"
+
+
+@pytest.mark.slow
+def test_int8_openvino_keeps_the_shipped_heads_final_operations_float(rectangles, tmp_path):
+    """The same for the shipped head (DFL distances sampled by O, the depthwise class predictor), untrained."""
+    pytest.importorskip("nncf", reason="nncf is not installed (the 'export' extra of pyproject.toml): no int8 export")
+    _, data = rectangles
+    cfg = tmp_path / "yolo11n-tood-bn.yaml"  # exports are written beside the model file
+    cfg.write_text((ROOT / "cfg" / cfg.name).read_text())
+    model = YOLO(str(cfg))
+    f = Path(model.export(format="openvino", int8=True, data=str(data), imgsz=IMGSZ, batch=1))
+    head = f"__module.model.{len(model.model.model) - 1}"
+    quantised, walked = quantised_ops_before_outputs(next(f.glob("*.xml")), head)
+    assert walked["Sigmoid"] and walked["Sqrt"] and walked["GridSample"] and walked["Softmax"]  # + DFL's softmax
+    assert not quantised, f"int8 tensors feed the T-head's final operations: {quantised}"
+
+
+@pytest.mark.slow
+def test_openvino_int8_predicts_the_fp32_boxes(rectangles, int8_export):
+    """int8 OpenVINO (nncf post-training quantisation, calibrated on the 16 val scenes) predicts PyTorch fp32's best
+    box on each scene within 1 px and its score within 0.03.
+
+    Tolerance: nncf quantises the T-head's convs (their inputs and weights) and keeps its final operations in float
+    (previous test), as Ultralytics does for `Detect`. An activation in [0, 1] moves by 1/255 = 0.004 a step, so 0.03 is
+    ~8 steps gathered through the ~20 quantised layers; 1 px is two int8 steps of a P3 input that spans ~16 strides.
+    Runner-up boxes near the conf threshold may come and go (NMS between near-equal scores), so only each scene's best
+    detection is compared.
+    """
+    ckpt, data = rectangles
+    f = int8_export
     fp32, int8 = YOLO(str(ckpt)), YOLO(f, task="detect")
     for path in sorted((data.parent / "images" / "val").glob("*.png")):
         x, y, w, h = np.loadtxt(data.parent / "labels" / "val" / f"{path.stem}.txt")[1:]

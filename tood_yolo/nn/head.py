@@ -383,8 +383,8 @@ class TOODHead(Detect):
         out = {"box_raw": box_raw, "box": select(invalid, box_raw, box)}
         if not self.export:
             probs = logits.view(b, 4, r, h, w).softmax(2)
-            side_offsets = offset.view(b, 4, 1, 2, h, w).expand(b, 4, r, 2, h, w).reshape(b, 8 * r, h, w)
-            sampled = deform_sampling(probs.view(b, 4 * r, h, w), side_offsets, "border").view(b, 4, r, h, w)
+            # the r bins of a side share the side's offset: one sampler of r channels per side
+            sampled = deform_sampling(probs.view(b, 4 * r, h, w), offset, "border", group=r).view(b, 4, r, h, w)
             dist = select(invalid.unsqueeze(2), probs, sampled)
             out["dist"] = dist.clamp(min=torch.finfo(dist.dtype).tiny).log().view(b, 4 * r, h, w)
         return out

@@ -52,12 +52,17 @@ def sigmoid_geometric_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.float(), y.float()
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return SigmoidGeometricMean.apply(x, y)
-    # M expanded to the classes explicitly (same values as broadcasting): OpenCV 5's DNN engine fails on a (B, C, H, W)
-    # x (B, 1, H, W) Mul whose result is then reshaped ("C0 <= 1 in function 'toLayout'")
-    return (x.sigmoid() * y.sigmoid().expand_as(x)).sqrt()
+    # M repeated over the classes explicitly (same values as broadcasting): OpenCV 5's DNN engine fails on a
+    # (B, C, H, W) x (B, 1, H, W) Mul whose result is then reshaped ("C0 <= 1 in function 'toLayout'"). A repeat
+    # (Tile), not expand_as (Broadcast): OpenVINO moves a Broadcast that feeds a Mul behind it and renames the Mul,
+    # which then leaves the head's scope that Ultralytics' int8 export keeps in float, so nncf quantised both
+    # probabilities (tests/test_postprocess.py); and pnnx (NCNN) cannot convert a Broadcast before the sigmoid
+    return (x.sigmoid() * y.sigmoid().repeat(1, x.shape[1], 1, 1)).sqrt()
 
 
-def deform_sampling(feat: torch.Tensor, offset: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+def deform_sampling(
+    feat: torch.Tensor, offset: torch.Tensor, padding_mode: str = "zeros", group: int = 1
+) -> torch.Tensor:
     """Bilinearly sample each channel of `feat` at its own offset location, zeros outside the map.
 
     Equivalent to mmdet's 1x1 depthwise `deform_conv2d` with unit weight (channel k sampled at (i + dy_k, j + dx_k)),
@@ -66,29 +71,39 @@ def deform_sampling(feat: torch.Tensor, offset: torch.Tensor, padding_mode: str 
     `grid_sample` per channel on the batch as it is (the values of one call on B*C single-channel maps, bit for bit):
     NCNN has no batch axis, so it cannot run a sampler whose batch is B*C; eager code keeps the one call.
 
+    With `group` > 1, each run of `group` consecutive channels shares one offset (a deform conv of C / group offset
+    groups) and is sampled by one sampler of `group` channels: the values of sampling each channel alone at a copy of
+    its offset, bit for bit (grid_sample weighs every channel alike), and gradients equal up to float rounding (the
+    offset's sum over the group's channels), at a fraction of the cost (tests/test_head.py).
+
     Args:
         feat (torch.Tensor): (B, C, H, W) maps to sample.
-        offset (torch.Tensor): (B, 2C, H, W) offsets in pixels, channels [dy_0, dx_0, dy_1, dx_1, ...].
+        offset (torch.Tensor): (B, 2C / group, H, W) offsets in pixels, channels [dy_0, dx_0, dy_1, dx_1, ...].
         padding_mode (str): `grid_sample`'s: "zeros" (the reference's deform conv) or "border" (the edge's values,
             so that sampled distributions stay distributions).
+        group (int): Channels per offset; it divides C.
 
     Returns:
         (torch.Tensor): (B, C, H, W) sampled maps.
     """
     b, c, h, w = feat.shape
-    dy, dx = offset.view(b, c, 2, h, w).unbind(2)
+    g = c if group == 1 else c // group  # no shape arithmetic in traced exports, which sample channel by channel
+    # checked in eager code only: an export traces sizes as values, and a Python test of them would be frozen
+    if not torch.jit.is_tracing() and (g * group != c or offset.shape[1] != 2 * g):
+        raise ValueError(f"deform_sampling: {offset.shape[1]} offset channels for {c} maps in groups of {group}")
+    dy, dx = offset.view(b, g, 2, h, w).unbind(2)
     ys = torch.arange(h, device=feat.device, dtype=offset.dtype).view(1, 1, h, 1)
     xs = torch.arange(w, device=feat.device, dtype=offset.dtype).view(1, 1, 1, w)
     gx = (2 * (xs + dx) + 1) / w - 1  # pixel -> [-1, 1] with align_corners=False
     gy = (2 * (ys + dy) + 1) / h - 1
-    grid = torch.stack((gx, gy), -1).to(feat.dtype)  # (B, C, H, W, 2)
+    grid = torch.stack((gx, gy), -1).to(feat.dtype)  # (B, G, H, W, 2)
     if torch.jit.is_tracing():  # an export: one sampler per channel on the batch as it is (NCNN has no batch axis)
         return torch.cat(
-            [F.grid_sample(feat[:, k : k + 1], grid[:, k], align_corners=False, padding_mode=padding_mode) for k in
-             range(c)], 1
+            [F.grid_sample(feat[:, k : k + 1], grid[:, k // group], align_corners=False, padding_mode=padding_mode)
+             for k in range(c)], 1
         )
     out = F.grid_sample(
-        feat.reshape(b * c, 1, h, w), grid.view(b * c, h, w, 2), align_corners=False, padding_mode=padding_mode
+        feat.reshape(b * g, group, h, w), grid.view(b * g, h, w, 2), align_corners=False, padding_mode=padding_mode
     )
     return out.view(b, c, h, w)
 
