@@ -19,6 +19,11 @@ supported extension point can do its job.
 
 One replacement lives below, beside what it replaces for: Ultralytics' AMP check, swapped for TOOD's during
 `TOODTrainer`'s set-up only (`tood_yolo.engine.amp.check_amp_replaced`).
+
+Registering runs in every process that imports Ultralytics' models, so it imports only `data.offline` and
+`data.video`: every replacement wraps a module Ultralytics has already imported, and TOOD's network and engine (torch's
+and torchvision's modules that Ultralytics defers) load only once a model is TOOD's (docs/architecture.md, "What
+registration costs a process that never uses TOOD").
 """
 
 from __future__ import annotations
