@@ -26,6 +26,7 @@ module names are aliased on import, `tood_yolo.LEGACY_MODULES`). `benchmarks/sta
 `TOOD_YOLO_HOOK=0` in the environment leaves the hook out at start-up (`import tood_yolo` still registers): the
 benchmark's "Ultralytics alone".
 """
+
 from __future__ import annotations
 
 import os
