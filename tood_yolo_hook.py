@@ -1,4 +1,4 @@
-"""Start-up hook that registers TOOD with Ultralytics without importing torch at interpreter start.
+"""Start-up hook that registers TOOD with Ultralytics, and costs Ultralytics' users nothing until they use TOOD.
 
 `tood_yolo_hook.pth` (installed into site-packages with the package) imports this module when Python starts. It
 only adds a `sys.meta_path` finder, standard library alone (well under a millisecond). The finder lets three
@@ -9,15 +9,27 @@ Ultralytics modules load as usual and then:
   `recipe=None initial_epoch=None` included, to TOOD and Ultralytics models alike), the DDP launcher's script and
   `get_cfg`.
 - `ultralytics.models` (the `yolo` command, `ultralytics.YOLO`): calls `tood_yolo.register.register()`, which makes
-  `YOLO` turn into TOOD's model class for TOOD's YAMLs and checkpoints. `import tood_yolo` registers too, and a
-  checkpoint load imports it (its pickle names TOOD's modules).
+  `YOLO` turn into TOOD's model class for TOOD's YAMLs and checkpoints, and puts the offline guards and the video
+  loader in place (the list: `tood_yolo/register.py`). `import tood_yolo` registers too.
 - `ultralytics.cfg`: wraps the `yolo` command's entry point (`ultralytics.cfg.entrypoint`) so that `yolo train
   resume=path/last.pt` resumes that checkpoint (Ultralytics would build its default model, yolo26n.pt, a download,
   before it reads `resume`).
+
+What that costs a process that never uses TOOD: importing `tood_yolo` (its classes load on first use),
+`tood_yolo.register`, `tood_yolo.data.offline` and `tood_yolo.data.video`, none of which imports torch, torchvision,
+matplotlib or an Ultralytics module that `from ultralytics import YOLO` does not import itself. TOOD's network and
+engine (and with them torchvision) are imported when a model is TOOD's: a YAML that names TOOD's modules or loss, a
+TOOD config by name, or a checkpoint whose pickle names `tood_yolo.*` (unpickling imports it; tood-yolo 0.1's
+module names are aliased on import, `tood_yolo.LEGACY_MODULES`). `benchmarks/startup.py` measures the cost;
+`tests/test_startup.py` checks what is imported.
+
+`TOOD_YOLO_HOOK=0` in the environment leaves the hook out at start-up (`import tood_yolo` still registers): the
+benchmark's "Ultralytics alone".
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 # The default configuration is in the first, the YOLO class in the second (which finishes loading after its
@@ -117,4 +129,5 @@ def install() -> None:
         sys.meta_path.insert(0, TOODFinder())
 
 
-install()
+if os.environ.get("TOOD_YOLO_HOOK") != "0":
+    install()

@@ -112,3 +112,44 @@ def test_batchnorm_dfl_head_exports_to_opencv_dnn_and_ncnn(fmt, tmp_path):
         f = model.export(format="onnx", imgsz=128)
         expected = AutoBackend(f, device=CPU)(x)
         assert_same_outputs(AutoBackend(f, device=CPU, dnn=True)(x), expected, box_atol=5e-3, score_atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tflite_export_of_the_product_model_gives_pytorch_outputs(tmp_path):
+    """`format=tflite` (Ultralytics 8.4.190's LiteRT exporter: litert-torch converts the torch.export graph) of
+    yolo11n-tood-bn, run by the LiteRT interpreter (ai-edge-litert, through AutoBackend): PyTorch's outputs within
+    NCNN's tolerances, 5e-3 pixels and 1e-5 (measured over 3 inputs: 1.9e-6 px and 6e-8)."""
+    for package in ("litert_torch", "ai_edge_litert"):
+        pytest.importorskip(package, reason=f"{package} is not installed (the 'tflite' extra of pyproject.toml)")
+    model = spread_model("yolo11n-tood-bn.yaml", tmp_path)
+    f = model.export(format="tflite", imgsz=128)
+    assert Path(f).suffix == ".tflite"
+    backend = AutoBackend(f, device=CPU)
+    for _ in range(2):
+        x = torch.rand(1, 3, 128, 128)
+        with torch.no_grad():
+            expected = model.model.eval()(x)[0]
+        got = backend(x)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        assert_same_outputs(got, expected, box_atol=5e-3, score_atol=1e-5)
+
+
+@pytest.mark.slow
+def test_coreml_export_of_the_product_model_has_the_pytorch_interface(tmp_path):
+    """`format=coreml` of yolo11n-tood-bn: CoreML runs only on macOS, so what Linux can check is the converted spec.
+    An ML program whose one input is the 128x128 RGB image and whose one output has PyTorch's (1, 4 + nc, anchors)
+    shape, with Ultralytics' metadata naming the T-head, as yolo11n's export has with `Detect`."""
+    ct = pytest.importorskip("coremltools", reason="coremltools is not installed (the 'coreml' extra of pyproject)")
+    model = spread_model("yolo11n-tood-bn.yaml", tmp_path)
+    f = str(model.export(format="coreml", imgsz=128))
+    assert f.endswith(".mlpackage"), f
+    spec = ct.utils.load_spec(f)
+    assert spec.WhichOneof("Type") == "mlProgram"
+    (image,) = spec.description.input
+    assert image.type.WhichOneof("Type") == "imageType"
+    assert (image.type.imageType.width, image.type.imageType.height) == (128, 128)
+    (output,) = spec.description.output
+    with torch.no_grad():
+        expected = model.model.eval()(torch.rand(1, 3, 128, 128))[0]
+    assert list(output.type.multiArrayType.shape) == list(expected.shape)
+    assert spec.description.metadata.userDefined["head"] == "TOODHead"

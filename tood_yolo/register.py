@@ -19,6 +19,11 @@ supported extension point can do its job.
 
 One replacement lives below, beside what it replaces for: Ultralytics' AMP check, swapped for TOOD's during
 `TOODTrainer`'s set-up only (`tood_yolo.engine.amp.check_amp_replaced`).
+
+Registering runs in every process that imports Ultralytics' models, so it imports only `data.offline` and
+`data.video`: every replacement wraps a module Ultralytics has already imported, and TOOD's network and engine (torch's
+and torchvision's modules that Ultralytics defers) load only once a model is TOOD's (docs/architecture.md, "What
+registration costs a process that never uses TOOD").
 """
 
 from __future__ import annotations
@@ -30,40 +35,60 @@ from pathlib import Path
 import tood_yolo_hook
 
 from .data import offline
-from .nn.configs import YAML_SUFFIXES, find_config, read_config, unknown_config_message
-from .nn.model import is_tood
 
 _done: set[str] = set()  # the parts of the registration already applied
 
 
 def _is_tood_yaml(model) -> bool:
-    """Whether `model` is the path of a model YAML that is TOOD's (`is_tood`)."""
+    """Whether `model` is the path of a model YAML that is TOOD's (`is_tood_config`)."""
+    from .nn.configs import YAML_SUFFIXES, is_tood_config, read_config, unknown_config_message
+
     if not isinstance(model, (str, Path)) or Path(model).suffix.lower() not in YAML_SUFFIXES:
         return False
     try:
-        return is_tood(read_config(model))
+        return is_tood_config(read_config(model))
     except FileNotFoundError:
         if Path(model).name == str(model):  # a bare name that Ultralytics does not know either
             raise FileNotFoundError(unknown_config_message(model)) from None
         raise
 
 
+def _holds_tood(model) -> bool:
+    """Whether the model Ultralytics' own `__init__` built or loaded is TOOD's (`nn.model.is_tood`).
+
+    Its YAML says so for every model TOOD builds. A T-head can only be in it if unpickling the checkpoint imported
+    `tood_yolo.nn.head` (by that name or a legacy one): only then is TOOD's network (torch, torchvision) imported to
+    look for one, so an Ultralytics model costs no import of it."""
+    if "tood_yolo.nn.head" in sys.modules:
+        from .nn.model import is_tood
+
+        return is_tood(model)
+    from .nn.configs import is_tood_config
+
+    yaml = getattr(model, "yaml", None)
+    return isinstance(yaml, dict) and is_tood_config(yaml)
+
+
 def _route_tood_models(init):
     """`YOLO.__init__` that turns into a `TOOD` for a TOOD YAML (which Ultralytics' parser cannot build) or a TOOD
-    checkpoint (which Ultralytics would train with its own loss), and is Ultralytics' own for everything else."""
+    checkpoint (which Ultralytics would train with its own loss), and is Ultralytics' own for everything else.
+
+    TOOD's model class (and with it torch's and torchvision's modules that Ultralytics defers) is imported only for a
+    TOOD model; deciding costs a file-name look-up, and for a YAML, reading it as Ultralytics would."""
 
     @functools.wraps(init)
     def __init__(self, model="yolo26n.pt", task=None, verbose=False):
-        from .engine.model import TOOD
+        from .nn.configs import find_config
 
         model = find_config(model) or model  # TOOD's configs by name, before Ultralytics looks among its own
-        if _is_tood_yaml(model):
-            tood = TOOD(model, verbose=verbose)
-        else:
+        if not _is_tood_yaml(model):
             init(self, model, task, verbose)
-            if not is_tood(getattr(self, "model", None)):
+            if not _holds_tood(getattr(self, "model", None)):
                 return
-            tood = TOOD(self)
+            model = self  # a TOOD checkpoint Ultralytics loaded: TOOD adopts it
+        from .engine.model import TOOD
+
+        tood = TOOD(model, verbose=verbose)
         self.__class__, self.__dict__ = type(tood), tood.__dict__
 
     return __init__

@@ -72,11 +72,17 @@ def local_dataset(check_det_dataset):
 
 
 def ensure_offline_font() -> None:
-    """Give Ultralytics' `check_font` a local Arial.ttf (matplotlib's DejaVu Sans) so plots never fetch one."""
-    from matplotlib import get_data_path
+    """Give Ultralytics' `check_font` a local Arial.ttf (matplotlib's DejaVu Sans) so plots never fetch one.
+
+    Matplotlib's data folder is found beside its package (as `matplotlib.get_data_path` finds it) without importing
+    matplotlib: this runs at start-up for every offline Ultralytics user, and `from ultralytics import YOLO` does not
+    import matplotlib."""
     from ultralytics.utils import USER_CONFIG_DIR
 
-    src = Path(get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or spec.origin is None:
+        return
+    src = Path(spec.origin).with_name("mpl-data") / "fonts" / "ttf" / "DejaVuSans.ttf"
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
         dst = Path(USER_CONFIG_DIR) / name
         if not dst.exists() and src.exists():

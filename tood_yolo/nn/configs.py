@@ -14,6 +14,16 @@ from ultralytics.nn.tasks import yaml_model_load
 PACKAGE = Path(__file__).resolve().parents[1]
 CONFIG_DIRS = (PACKAGE / "cfg", PACKAGE.parent / "cfg")  # wheel install; source checkout or editable install
 YAML_SUFFIXES = (".yaml", ".yml")
+# The module names a TOOD YAML may give (`nn/model.py` builds them: its TOOD_MODULES has these keys). Kept here, apart
+# from the classes, so that `is_tood_config` answers without importing the network (torch, torchvision): the YOLO
+# class asks it for every model YAML, TOOD's or not.
+TOOD_MODULE_NAMES = frozenset({"ResNet", "FPN", "TOODHead"})
+
+
+def is_tood_config(d: dict) -> bool:
+    """Whether a model YAML dict is TOOD's: it names a TOOD module or asks for TOOD's loss (`loss: tood`)."""
+    rows = [*d.get("backbone", ()), *d.get("head", ())]
+    return d.get("loss") == "tood" or any(len(r) == 4 and r[2] in TOOD_MODULE_NAMES for r in rows)
 
 
 def config_names() -> list[str]:

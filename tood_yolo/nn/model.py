@@ -25,7 +25,7 @@ from ultralytics.utils.torch_utils import initialize_weights, scale_img
 from ..utils.loss import THeadV8Loss, TOODLoss
 from ..utils.recipe import Recipe
 from .backbone import ResNet
-from .configs import read_config
+from .configs import is_tood_config, read_config
 from .head import TOODHead
 from .neck import FPN
 
@@ -43,10 +43,10 @@ def is_tood(model) -> bool:
     """Whether `model` (a model YAML dict or an nn.Module; anything else is not) is built and trained by TOOD: its
     YAML names a TOOD module or asks for TOOD's loss (`loss: tood`), or it holds a T-head."""
     if isinstance(model, dict):
-        rows = [*model.get("backbone", ()), *model.get("head", ())]
-        return model.get("loss") == "tood" or any(len(r) == 4 and r[2] in TOOD_MODULES for r in rows)
+        return is_tood_config(model)
     if isinstance(model, nn.Module):
-        return is_tood(getattr(model, "yaml", None) or {}) or any(isinstance(m, TOODHead) for m in model.modules())
+        yaml = getattr(model, "yaml", None) or {}
+        return is_tood_config(yaml) or any(isinstance(m, TOODHead) for m in model.modules())
     return False
 
 
