@@ -82,3 +82,13 @@ def test_the_wheel_ships_every_config_and_finds_them_by_name(tmp_path, offline_e
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     package, cfg = run.stdout.strip().splitlines()[-2:]
     assert Path(package).is_relative_to(site) and Path(cfg) == site / "tood_yolo" / "cfg" / "yolo11n-tood-bn.yaml"
+
+
+def test_the_light_list_of_tood_module_names_is_the_builders():
+    """`is_tood_config` decides with a list of names that imports no network (the start-up hook asks it for every model
+    YAML): it must name exactly the modules `TOODDetectionModel` builds, or a new TOOD module would go to Ultralytics'
+    parser, which cannot build it."""
+    from tood_yolo.nn.configs import TOOD_MODULE_NAMES
+    from tood_yolo.nn.model import TOOD_MODULES
+
+    assert TOOD_MODULE_NAMES == set(TOOD_MODULES)
